@@ -1,0 +1,36 @@
+"""promptq: run many LLM requests at once through Redis and horizontally scaled arq workers.
+
+What users import lives here; everything else is internal.
+"""
+
+from promptq.producer import Batch, Producer
+from promptq.shared.errors import (
+    BatchError,
+    BatchExists,
+    BatchNotFound,
+    InputError,
+    PromptqError,
+    RedisUnavailable,
+)
+from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, Status
+from promptq.shared.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "BatchError",
+    "BatchExists",
+    "BatchInfo",
+    "BatchNotFound",
+    "BatchStats",
+    "InputError",
+    "Priority",
+    "Producer",
+    "PromptqError",
+    "RedisUnavailable",
+    "Result",
+    "Settings",
+    "Status",
+    "__version__",
+]

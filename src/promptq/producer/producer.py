@@ -1,0 +1,313 @@
+"""The producer: validate and enqueue batches; follow them from any machine.
+
+async with Producer.from_url("redis://localhost:6379") as producer:
+    batch = await producer.submit(["prompt", {"custom_id": "q2", "prompt": "..."}])
+    async for result in batch.as_completed():
+        ...
+    stats = await batch.wait()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+
+from promptq.producer.parsing import ParsedBatch, parse_items, parse_jsonl
+from promptq.shared import keys, serialization
+from promptq.shared.connection import connect
+from promptq.shared.errors import BatchError, BatchExists, BatchNotFound, InputError, LineError
+from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, Status
+from promptq.shared.scripts import Scripts, decode
+from promptq.shared.settings import Settings
+
+#: requests written per pipeline round trip while enqueueing
+WRITE_CHUNK = 2000
+#: at most this many claim tickets circulate per batch (see worker.dispatcher)
+MAX_TICKETS = 16
+#: a ticket not started within this time is dropped by arq (the batch is long dead)
+TICKET_EXPIRES_MS = 7 * 24 * 3600 * 1000
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex}"
+
+
+class Producer:
+    """Enqueues batches into Redis and reads them back. Use as an async context manager."""
+
+    def __init__(self, redis: ArqRedis, *, settings: Settings | None = None) -> None:
+        self.redis = redis
+        self.settings = settings or Settings()
+        self.scripts = Scripts(redis)
+        self._owns_redis = False
+        self._url: str | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, settings: Settings | None = None) -> Producer:
+        """A producer that connects to ``url`` on ``async with`` and closes on exit."""
+        producer = cls.__new__(cls)
+        producer.settings = settings or Settings()
+        producer._url = url
+        producer._owns_redis = True
+        return producer
+
+    async def __aenter__(self) -> Producer:
+        if self._url is not None and not hasattr(self, "redis"):
+            self.redis = await connect(self._url)
+            self.scripts = Scripts(self.redis)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owns_redis and hasattr(self, "redis"):
+            await self.redis.aclose()
+            del self.redis
+
+    # -- submitting -----------------------------------------------------------------
+
+    async def submit(
+        self,
+        items: Iterable[str | Mapping[str, Any]] | ParsedBatch,
+        *,
+        batch_id: str | None = None,
+        priority: Priority | str = Priority.BULK,
+    ) -> Batch:
+        """Validate ``items`` (prompts or request dicts) and enqueue them as one batch.
+
+        Raises ``InputError`` listing every bad item before anything is enqueued, and
+        ``BatchExists`` if ``batch_id`` is taken.
+        """
+        parsed = (
+            items
+            if isinstance(items, ParsedBatch)
+            else parse_items(items, default_model=self.settings.model)
+        )
+        batch_id = batch_id or new_batch_id()
+        if not keys.BATCH_ID_RE.match(batch_id):
+            raise InputError(
+                "--batch-id",
+                [LineError(0, "batch_id", "use 1-64 letters, digits, '_' or '-'")],
+            )
+        await self._enqueue(parsed, batch_id, Priority(priority))
+        return Batch(self, batch_id)
+
+    async def submit_file(
+        self,
+        path: str | Path,
+        *,
+        batch_id: str | None = None,
+        priority: Priority | str = Priority.BULK,
+    ) -> Batch:
+        """Validate a JSONL file whole, then enqueue it."""
+        parsed = self.parse_file(path)
+        return await self.submit(parsed, batch_id=batch_id, priority=priority)
+
+    def parse_file(self, path: str | Path) -> ParsedBatch:
+        path = Path(path)
+        limit = self.settings.max_file_bytes
+        try:
+            size = path.stat().st_size
+            if size > limit:  # refuse before reading a huge file into memory
+                raise InputError(
+                    str(path),
+                    [LineError(0, None, f"file is {size:,} bytes, over the {limit:,}-byte limit")],
+                )
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InputError(
+                str(path), [LineError(0, None, f"cannot read: {exc.strerror}")]
+            ) from exc
+        return parse_jsonl(
+            data,
+            source=str(path),
+            default_model=self.settings.model,
+            max_lines=self.settings.max_lines,
+            max_bytes=self.settings.max_file_bytes,
+        )
+
+    async def _enqueue(self, parsed: ParsedBatch, batch_id: str, priority: Priority) -> None:
+        total = len(parsed.requests)
+        existing = decode(
+            await self.scripts.create(
+                keys=[keys.batch(batch_id), keys.requests(batch_id), keys.pending(batch_id)],
+                args=[
+                    "total",
+                    total,
+                    "model",
+                    parsed.model,
+                    "endpoint",
+                    parsed.endpoint,
+                    "priority",
+                    priority.value,
+                ],
+            )
+        )
+        if existing:
+            raise BatchExists(batch_id, existing)
+        # Requests first, in chunks, while the batch says 'validating': workers ignore it.
+        for start in range(0, total, WRITE_CHUNK):
+            chunk = parsed.requests[start : start + WRITE_CHUNK]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(
+                    keys.requests(batch_id), mapping={r.custom_id: r.to_json() for r in chunk}
+                )
+                pipe.rpush(keys.pending(batch_id), *[r.custom_id for r in chunk])
+                await pipe.execute()
+        # Then, in one MULTI, flip to 'queued' and enqueue its tickets: a producer that
+        # dies before this leaves a 'validating' batch that nothing will run, never a
+        # 'queued' batch without tickets.
+        tickets = await self._ticket_count(total)
+        now_ms = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await self.scripts.publish(
+                keys=[keys.batch(batch_id), keys.pending(batch_id), keys.BATCHES],
+                args=[batch_id, total],
+                client=pipe,
+            )
+            for _ in range(tickets):
+                job_id = uuid.uuid4().hex
+                payload = serialize_job(
+                    "claim",
+                    (batch_id, parsed.endpoint),
+                    {},
+                    None,
+                    now_ms,
+                    serializer=serialization.job_serializer,
+                )
+                pipe.psetex(job_key_prefix + job_id, TICKET_EXPIRES_MS, payload)
+                pipe.zadd(keys.QUEUE, {job_id: now_ms})
+            pipe.publish(keys.WAKEUP_CHANNEL, b"1")
+            replies = await pipe.execute()
+        flipped, detail = replies[0]
+        if int(flipped) != 1:
+            raise BatchError(f"batch {batch_id} could not be queued: {decode(detail)}")
+
+    async def _ticket_count(self, total: int) -> int:
+        """One ticket per live worker (at least one): each circulates until the batch's
+        queue is empty, so every worker that has room gets a share at once."""
+        live = await self.redis.zcount(
+            keys.WORKERS, time.time() - 3 * self.settings.heartbeat_s, "+inf"
+        )
+        return max(1, min(int(live), MAX_TICKETS, total))
+
+    # -- reading --------------------------------------------------------------------
+
+    def batch(self, batch_id: str) -> Batch:
+        """A handle on an existing batch (no Redis call until used)."""
+        return Batch(self, batch_id)
+
+    async def list_batches(self, *, limit: int = 20) -> list[BatchInfo]:
+        ids = await self.redis.zrevrange(keys.BATCHES, 0, limit - 1)
+        infos = []
+        for raw_id in ids:
+            try:
+                infos.append(await Batch(self, decode(raw_id)).info())
+            except BatchNotFound:
+                await self.redis.zrem(keys.BATCHES, raw_id)  # expired
+        return infos
+
+
+class Batch:
+    """A submitted batch: progress, results as they finish, and the final stats."""
+
+    def __init__(self, producer: Producer, batch_id: str) -> None:
+        self.producer = producer
+        self.id = batch_id
+
+    def __repr__(self) -> str:
+        return f"Batch(id={self.id!r})"
+
+    @property
+    def _redis(self) -> ArqRedis:
+        return self.producer.redis
+
+    async def info(self, *, with_stats: bool = True) -> BatchInfo:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.batch(self.id))
+            pipe.hgetall(keys.stats(self.id))
+            raw, stats = await pipe.execute()
+        if not raw:
+            raise BatchNotFound(self.id)
+        return BatchInfo.from_redis(
+            self.id,
+            {decode(k): decode(v) for k, v in raw.items()},
+            {decode(k): decode(v) for k, v in stats.items()} if with_stats and stats else None,
+        )
+
+    async def as_completed(self, *, block_ms: int = 1000) -> AsyncIterator[Result]:
+        """Yield results as they finish, on whichever machine, until the batch ends.
+
+        The distributed counterpart of ``asyncio.as_completed``: reads the batch's
+        event stream, so it can start late (it replays from the beginning) and any
+        number of readers can follow one batch.
+        """
+        events = keys.events(self.id)
+        last = "0-0"
+        while True:
+            reply = await self._redis.xread({events: last}, count=1000, block=block_ms)
+            if not reply:
+                info = await self.info(with_stats=False)
+                # A failed batch (or one whose stream expired) has no end marker to wait for.
+                if info.status.terminal and (
+                    info.status is Status.FAILED or not await self._redis.exists(events)
+                ):
+                    return
+                continue
+            ended = False
+            ids: list[bytes] = []
+            for entry_id, fields in reply[0][1]:
+                last = decode(entry_id)
+                if b"c" in fields:
+                    ids.append(fields[b"c"])
+                elif b"end" in fields:
+                    ended = True
+            if ids:
+                values: list[bytes | None] = await self._redis.hmget(  # type: ignore[misc]
+                    keys.results(self.id), ids
+                )
+                for value in values:
+                    if value is not None:
+                        yield Result.model_validate_json(value)
+            if ended:
+                return
+
+    async def results(self) -> AsyncIterator[Result]:
+        """Every result recorded so far (any order), without waiting."""
+        async for _cid, value in self._redis.hscan_iter(keys.results(self.id), count=1000):
+            yield Result.model_validate_json(value)
+
+    async def raw_results(self) -> AsyncIterator[bytes]:
+        """Like ``results`` but the stored JSON lines, unparsed (fast export)."""
+        async for _cid, value in self._redis.hscan_iter(keys.results(self.id), count=1000):
+            yield value
+
+    async def wait(self, *, timeout_s: float | None = None) -> BatchStats:
+        """Wait until the batch ends; return the aggregator's stats.
+
+        Blocks on the batch's event stream rather than polling. Raises ``TimeoutError``
+        after ``timeout_s`` seconds, ``BatchError`` if the batch failed.
+        """
+        async with asyncio.timeout(timeout_s):
+            events = keys.events(self.id)
+            while True:
+                tail = await self._redis.xrevrange(events, count=1)
+                info = await self.info()
+                if info.status.terminal:
+                    if info.status is Status.FAILED:
+                        raise BatchError(f"batch {self.id} failed: {info.reason or 'unknown'}")
+                    return info.stats or BatchStats()
+                last = decode(tail[0][0]) if tail else "0-0"
+                await self._redis.xread({events: last}, count=1, block=1000)

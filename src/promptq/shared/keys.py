@@ -1,0 +1,86 @@
+"""Every Redis key promptq uses, built in one place.
+
+All keys start with ``promptq:``. Keys of one batch carry the batch id in a hash tag
+(``{ID}``, braces literal) so a batch lives in one Redis Cluster slot and our Lua
+scripts may touch all of them at once.
+
+arq keeps its own job keys under its fixed ``arq:`` prefix (``arq:job:*``,
+``arq:in-progress:*``, ``arq:retry:*``); only its queue is named by us.
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "promptq"
+
+# Batch and custom ids end up inside keys and hash fields: keep them to a safe alphabet
+# so no id can forge another key (no braces, colons or whitespace in batch ids).
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+#: arq queue (sorted set of job ids) that every worker polls.
+QUEUE = f"{PREFIX}:queue"
+#: Pub/sub channel: a message wakes idle workers at once instead of at their next poll.
+WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
+#: Sorted set of batch ids scored by creation time (unix seconds).
+BATCHES = f"{PREFIX}:batches"
+#: Sorted set of worker ids scored by their last heartbeat (unix seconds).
+WORKERS = f"{PREFIX}:workers"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: status, counters and timestamps of a batch."""
+    return f"{PREFIX}:batch:{{{batch_id}}}"
+
+
+def stats(batch_id: str) -> str:
+    """Hash: the aggregator's statistics."""
+    return f"{batch(batch_id)}:stats"
+
+
+def requests(batch_id: str) -> str:
+    """Hash: custom_id -> request JSON (``{"custom_id", "body", "line"}``)."""
+    return f"{batch(batch_id)}:requests"
+
+
+def pending(batch_id: str) -> str:
+    """List: custom_ids not yet claimed by a worker, in input order."""
+    return f"{batch(batch_id)}:pending"
+
+
+def inflight(batch_id: str) -> str:
+    """Hash: custom_id -> claiming worker id, for requests being processed."""
+    return f"{batch(batch_id)}:inflight"
+
+
+def results(batch_id: str) -> str:
+    """Hash: custom_id -> result line JSON (exactly one per custom_id)."""
+    return f"{batch(batch_id)}:results"
+
+
+def events(batch_id: str) -> str:
+    """Stream: one entry per finished request (field ``c`` = custom_id), then ``end``."""
+    return f"{batch(batch_id)}:events"
+
+
+def batch_keys(batch_id: str) -> list[str]:
+    """All keys of a batch, in a fixed order used by the Lua scripts."""
+    return [
+        batch(batch_id),
+        stats(batch_id),
+        requests(batch_id),
+        pending(batch_id),
+        inflight(batch_id),
+        results(batch_id),
+        events(batch_id),
+    ]
+
+
+def worker(worker_id: str) -> str:
+    """Hash with a TTL: a worker's heartbeat (host, pid, in_flight, done, failed...)."""
+    return f"{PREFIX}:worker:{worker_id}"
+
+
+def aggregate_job_id(batch_id: str) -> str:
+    """arq job id of a batch's aggregator job: fixed, so arq refuses a second copy."""
+    return f"promptq-aggregate-{batch_id}"

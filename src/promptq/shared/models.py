@@ -1,0 +1,174 @@
+"""Data shapes shared by producer, worker, API and CLI.
+
+Pydantic at the edges (what users read); the worker's hot loop builds plain dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from promptq.shared import serialization
+
+
+class Status(StrEnum):
+    """Batch lifecycle, the OpenAI Batch API's names."""
+
+    VALIDATING = "validating"
+    QUEUED = "queued"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+
+class Priority(StrEnum):
+    URGENT = "urgent"
+    BULK = "bulk"
+
+
+#: Endpoints a batch may target (OpenAI Batch API ``url``).
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+CHAT_ENDPOINT = "/v1/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """One validated request as stored in Redis: the body is sent to the upstream as is."""
+
+    custom_id: str
+    body: dict[str, Any]
+    line: int  # 1-based line in the input (or index+1 for the Python API)
+
+    def to_json(self) -> bytes:
+        return serialization.dumps({"custom_id": self.custom_id, "body": self.body, "l": self.line})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> QueuedRequest:
+        obj = serialization.loads(data)
+        return cls(custom_id=obj["custom_id"], body=obj["body"], line=obj.get("l", 0))
+
+
+class ResultError(BaseModel):
+    code: str
+    message: str
+
+
+class ResultResponse(BaseModel):
+    status_code: int
+    request_id: str | None = None
+    body: Any = None
+
+
+class Result(BaseModel):
+    """One output line: the OpenAI Batch API output shape plus ``latency_ms`` and ``attempts``.
+
+    ``latency_ms`` runs from the first attempt to the final answer (retries and backoff
+    included, queue wait excluded); ``attempts`` is 0 for requests never sent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    custom_id: str
+    response: ResultResponse | None = None
+    error: ResultError | None = None
+    latency_ms: float | None = None
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def content(self) -> str | None:
+        """The assistant's text for a successful chat completion, else None."""
+        if self.response is None or not isinstance(self.response.body, dict):
+            return None
+        try:
+            content = self.response.body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            return None
+        return content if isinstance(content, str) else None
+
+
+class BatchStats(BaseModel):
+    """What the aggregator job writes to ``promptq:batch:{ID}:stats``. Latencies in ms."""
+
+    succeeded: int = 0
+    failed: int = 0
+    success_rate: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    max_ms: float = 0.0
+    wall_s: float = 0.0
+    throughput_rps: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    errors_by_code: dict[str, int] = Field(default_factory=dict)
+
+    def to_redis(self) -> dict[str, str]:
+        out = {k: str(v) for k, v in self.model_dump().items() if k != "errors_by_code"}
+        out["errors_by_code"] = serialization.dumps(self.errors_by_code).decode()
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> BatchStats:
+        data: dict[str, Any] = dict(raw)
+        if "errors_by_code" in data:
+            data["errors_by_code"] = serialization.loads(data["errors_by_code"])
+        return cls.model_validate(data)
+
+
+class BatchInfo(BaseModel):
+    """The batch hash ``promptq:batch:{ID}``, typed. Timestamps are unix seconds."""
+
+    id: str
+    status: Status
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retries: int = 0
+    created_at: float | None = None
+    in_progress_at: float | None = None
+    finalizing_at: float | None = None
+    completed_at: float | None = None
+    last_result_at: float | None = None
+    model: str | None = None
+    endpoint: str = CHAT_ENDPOINT
+    priority: Priority = Priority.BULK
+    reason: str | None = None
+    stats: BatchStats | None = None
+
+    @property
+    def done(self) -> int:
+        return self.succeeded + self.failed
+
+    @classmethod
+    def from_redis(
+        cls, batch_id: str, raw: dict[str, str], stats: dict[str, str] | None = None
+    ) -> BatchInfo:
+        data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
+        data["id"] = batch_id
+        info = cls.model_validate(data)
+        if stats:
+            info.stats = BatchStats.from_redis(stats)
+        return info
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The ``promptq status --json`` object."""
+        out = self.model_dump(mode="json", exclude={"stats"})
+        out["stats"] = self.stats.model_dump(mode="json") if self.stats else None
+        return out

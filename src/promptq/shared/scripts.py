@@ -1,0 +1,163 @@
+"""Lua scripts: every multi-step change of a batch's state is one atomic script.
+
+Each script touches the keys of one batch only (all share the ``{ID}`` hash tag), so
+they run unchanged on Redis Cluster. Timestamps come from Redis' own clock (``TIME``),
+one clock for producers and workers on every machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+# Shared Lua prelude: unix seconds with ms resolution, as a decimal string.
+_NOW = """
+local _t = redis.call('TIME')
+local now = string.format('%.3f', tonumber(_t[1]) + math.floor(tonumber(_t[2]) / 1000) / 1000)
+"""
+
+# KEYS: batch, requests, pending. ARGV: created fields (k, v, ...).
+# Creates the batch hash in status 'validating' unless the id is taken. Returns the
+# existing status, or '' when created.
+CREATE = (
+    _NOW
+    + """
+local existing = redis.call('HGET', KEYS[1], 'status')
+if existing then
+  if existing ~= 'validating' then return existing end
+  -- a producer died while enqueueing this id: start over
+  redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+end
+redis.call('HSET', KEYS[1], 'status', 'validating', 'created_at', now,
+           'succeeded', 0, 'failed', 0, 'retries', 0, unpack(ARGV))
+return ''
+"""
+)
+
+# KEYS: batch, pending, batches-zset. ARGV: batch_id, expected total.
+# Flips a fully written batch from 'validating' to 'queued' (and lists it) only if
+# every request made it into Redis: a producer that dies midway leaves 'validating'.
+PUBLISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'validating' then return {0, status or ''} end
+local n = redis.call('LLEN', KEYS[2])
+if n ~= tonumber(ARGV[2]) then return {0, 'incomplete:' .. n} end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'total', ARGV[2])
+redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
+return {1, 'queued'}
+"""
+
+# KEYS: batch, pending, inflight, requests. ARGV: max count, worker id.
+# Claims up to N requests for a worker: pops ids from pending, marks them in flight and
+# returns {remaining_pending, request_json...}. Nothing is claimed unless the batch is
+# queued or in progress (a cancelled batch stops dispatch at once).
+CLAIM = (
+    _NOW
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'in_progress' then return {-1} end
+local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[1]))
+if not ids then return {0} end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', now)
+end
+local out = {redis.call('LLEN', KEYS[2])}
+local bodies = redis.call('HMGET', KEYS[4], unpack(ids))
+for i, id in ipairs(ids) do
+  redis.call('HSET', KEYS[3], id, ARGV[2])
+  out[#out + 1] = bodies[i]
+end
+return out
+"""
+)
+
+# KEYS: batch, results, inflight, events.
+# ARGV: n, then n groups of (custom_id, result_json, ok 1|0, retries).
+# Records results exactly once per custom_id (HSETNX): a request that ran twice after
+# a crash counts once. Returns {newly_recorded, became_final 1|0}; exactly one caller
+# ever sees became_final = 1, and that caller enqueues the aggregator job.
+RECORD = (
+    _NOW
+    + """
+local n = tonumber(ARGV[1])
+local added, ok, failed, retries = 0, 0, 0, 0
+for i = 0, n - 1 do
+  local cid = ARGV[2 + i * 4]
+  if redis.call('HSETNX', KEYS[2], cid, ARGV[3 + i * 4]) == 1 then
+    added = added + 1
+    if ARGV[4 + i * 4] == '1' then ok = ok + 1 else failed = failed + 1 end
+    retries = retries + tonumber(ARGV[5 + i * 4])
+    redis.call('XADD', KEYS[4], '*', 'c', cid)
+  end
+  redis.call('HDEL', KEYS[3], cid)
+end
+if added == 0 then return {0, 0} end
+local s = redis.call('HINCRBY', KEYS[1], 'succeeded', ok)
+local f = redis.call('HINCRBY', KEYS[1], 'failed', failed)
+redis.call('HINCRBY', KEYS[1], 'retries', retries)
+redis.call('HSET', KEYS[1], 'last_result_at', now)
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local status = redis.call('HGET', KEYS[1], 'status')
+if total and s + f >= total and (status == 'in_progress' or status == 'queued'
+    or status == 'cancelling') then
+  redis.call('HSET', KEYS[1], 'finalizing_from', status, 'status', 'finalizing',
+             'finalizing_at', now)
+  return {added, 1}
+end
+return {added, 0}
+"""
+)
+
+# KEYS: batch, stats, events, + every other key of the batch (for EXPIRE).
+# ARGV: ttl_s, then stats fields (k, v, ...).
+# Written by the aggregator job: stats first, then the terminal status, then an 'end'
+# event for followers, and a TTL on every key of the batch.
+FINISH = (
+    _NOW
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'finalizing' then return status or '' end
+local final = 'completed'
+if redis.call('HGET', KEYS[1], 'finalizing_from') == 'cancelling' then final = 'cancelled' end
+if #ARGV > 1 then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], unpack(ARGV, 2))
+end
+redis.call('HSET', KEYS[1], 'status', final, 'completed_at', now)
+redis.call('XADD', KEYS[3], '*', 'end', final)
+for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
+return final
+"""
+)
+
+
+# KEYS: pending, inflight, results. ARGV: custom_ids.
+# Hands claimed but unfinished requests back (worker shutting down): they go to the
+# front of pending unless a result exists. Returns how many were handed back.
+RELEASE = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('HEXISTS', KEYS[3], ARGV[i]) == 0 and redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
+    redis.call('LPUSH', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+class Scripts:
+    """The scripts registered on one Redis client (EVALSHA with EVAL fallback)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.create = redis.register_script(CREATE)
+        self.publish = redis.register_script(PUBLISH)
+        self.claim = redis.register_script(CLAIM)
+        self.record = redis.register_script(RECORD)
+        self.finish = redis.register_script(FINISH)
+        self.release = redis.register_script(RELEASE)
+
+
+def decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,94 @@
+"""Configuration, read once at the edge (CLI, WorkerSettings, create_app).
+
+Every field comes from a ``PROMPTQ_*`` environment variable (``.env`` is not read:
+a deployment should say what it means); CLI flags override by passing keyword
+arguments to ``Settings(...)``. Secrets are ``SecretStr`` so their repr hides them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://localhost:6379"
+
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class Settings(BaseSettings):
+    """promptq settings. Units are in the names; defaults match the README's table."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None,
+        description="redis:// or rediss:// URL; unset = embedded mode for run/demo, "
+        f"{DEFAULT_REDIS_URL} for worker/submit/status",
+    )
+    upstream_url: str = Field(
+        default="https://api.openai.com/v1",
+        description="base URL of the OpenAI-compatible API, ending in /v1",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("PROMPTQ_API_KEY", "OPENAI_API_KEY", "api_key"),
+        description="upstream API key; read by workers only, never stored or logged",
+    )
+    model: str = Field(default="gpt-4o-mini", min_length=1)
+    concurrency: PositiveInt = Field(default=64, le=10_000)
+    max_attempts: PositiveInt = Field(default=5, le=100)
+    timeout_s: float = Field(default=60.0, gt=0)
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    api_token: SecretStr | None = None
+
+    # Not in the contract's table, for operators who need them:
+    result_ttl_s: PositiveInt = Field(
+        default=7 * 24 * 3600, description="how long a finished batch stays in Redis"
+    )
+    poll_delay_s: float = Field(
+        default=0.5, gt=0, description="fallback queue poll; wake-ups make pickup immediate"
+    )
+    max_file_bytes: PositiveInt = 200 * 1024 * 1024
+    max_lines: PositiveInt = 50_000
+    heartbeat_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"must start with redis://, rediss:// or unix:// (got {scheme or 'no'} scheme)"
+            )
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _check_upstream_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        return value.rstrip("/")
+
+    @property
+    def redis_url_or_default(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``: safe to print and log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{user}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

@@ -1,0 +1,312 @@
+"""The per-process engine behind the arq jobs.
+
+Work moves in *claims*, not one arq job per prompt: a batch's requests wait in a Redis
+list, and a ``claim`` arq job (a "ticket") takes as many of them as this process has
+free slots, in one Lua call. Each ticket that leaves work behind enqueues one successor,
+so a batch keeps a few tickets circulating until its list is empty, and whichever worker
+frees slots first takes the next one: load balances per request, workers that start
+mid-batch join in, and a worker never holds more requests than it can send.
+
+Results are buffered and written in groups (one Lua call per batch per flush): while one
+flush is on the wire the next group fills, so a busy worker makes few round trips and
+an idle one adds no delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from promptq.shared import keys, serialization
+from promptq.shared.models import QueuedRequest
+from promptq.shared.scripts import Scripts, decode
+from promptq.worker.fetch import Fetcher, Outcome
+
+logger = logging.getLogger(__name__)
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Results waiting for the next flush, per batch."""
+
+    args: list[Any] = field(default_factory=list)
+    count: int = 0
+
+
+class Dispatcher:
+    """Claims, runs and records requests for one worker process."""
+
+    def __init__(
+        self,
+        *,
+        redis: ArqRedis,
+        fetcher: Fetcher,
+        concurrency: int,
+        worker_id: str | None = None,
+        heartbeat_s: float = 2.0,
+        tickets_per_batch: int = 1,
+        upstream_label: str = "",
+    ) -> None:
+        self.redis = redis
+        self.fetcher = fetcher
+        self.concurrency = concurrency
+        self.worker_id = worker_id or new_worker_id()
+        self.heartbeat_s = heartbeat_s
+        self.upstream_label = upstream_label
+        self.scripts = Scripts(redis)
+        # Claim in groups: waiting until an eighth of the slots are free keeps the number
+        # of claim round trips per request low when the worker is saturated.
+        self.low_water = max(1, concurrency // 8)
+        self.claimed = 0
+        self.done = 0
+        self.failed = 0
+        self.retries = 0
+        self.started_at = time.time()
+        #: called when free slots cross the low-water mark (the worker polls again)
+        self.on_capacity: Callable[[], None] | None = None
+        self._tasks: dict[asyncio.Task[None], tuple[str, str]] = {}
+        self._buffer: dict[str, _Pending] = {}
+        self._flush_task: asyncio.Task[None] | None = None
+        self._flushed = asyncio.Event()
+        self._flushed.set()
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- capacity -------------------------------------------------------------------
+
+    @property
+    def free(self) -> int:
+        return self.concurrency - self.claimed
+
+    def can_take_work(self) -> bool:
+        return not self._closing and (self.claimed == 0 or self.free >= self.low_water)
+
+    @property
+    def idle(self) -> bool:
+        return not self._tasks and not self._buffer and self._flushed.is_set()
+
+    # -- claiming -------------------------------------------------------------------
+
+    async def claim(self, batch_id: str, endpoint: str) -> int:
+        """Run one ticket: claim up to ``free`` requests of the batch and start them.
+
+        Enqueues a successor ticket when the batch still has unclaimed requests.
+        Returns the number of requests claimed.
+        """
+        n = self.free
+        remaining = 1
+        requests: list[QueuedRequest] = []
+        if n > 0 and not self._closing:
+            self.claimed += n  # reserve before awaiting so concurrent tickets don't overbook
+            try:
+                reply = await self.scripts.claim(
+                    keys=[
+                        keys.batch(batch_id),
+                        keys.pending(batch_id),
+                        keys.inflight(batch_id),
+                        keys.requests(batch_id),
+                    ],
+                    args=[n, self.worker_id],
+                )
+            finally:
+                self.claimed -= n
+            remaining = int(reply[0])
+            if remaining < 0:  # batch no longer runnable (cancelled, failed, expired)
+                return 0
+            requests = [QueuedRequest.from_json(raw) for raw in reply[1:]]
+        for request in requests:
+            self.claimed += 1
+            task = asyncio.create_task(self._run(batch_id, endpoint, request))
+            self._tasks[task] = (batch_id, request.custom_id)
+        if remaining > 0:
+            await enqueue_ticket(self.redis, batch_id, endpoint)
+        return len(requests)
+
+    async def _run(self, batch_id: str, endpoint: str, request: QueuedRequest) -> None:
+        try:
+            outcome = await self.fetcher.fetch(endpoint, request.body)
+        finally:
+            self.claimed -= 1
+            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if self.on_capacity is not None and self.free == self.low_water:
+                self.on_capacity()
+        self._add_result(batch_id, request.custom_id, outcome)
+
+    def _add_result(self, batch_id: str, custom_id: str, outcome: Outcome) -> None:
+        result = result_line(custom_id, outcome)
+        if outcome.ok:
+            self.done += 1
+        else:
+            self.failed += 1
+        self.retries += outcome.attempts - 1
+        pending = self._buffer.setdefault(batch_id, _Pending())
+        pending.args += [
+            custom_id,
+            serialization.dumps(result),
+            1 if outcome.ok else 0,
+            outcome.attempts - 1,
+        ]
+        pending.count += 1
+        if self._flush_task is None or self._flush_task.done():
+            self._flushed.clear()
+            self._flush_task = asyncio.create_task(self._flush_loop())
+
+    # -- recording ------------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        delay = 0.05
+        while self._buffer:
+            batch_id, pending = next(iter(self._buffer.items()))
+            del self._buffer[batch_id]
+            try:
+                _added, final = await self.scripts.record(
+                    keys=[
+                        keys.batch(batch_id),
+                        keys.results(batch_id),
+                        keys.inflight(batch_id),
+                        keys.events(batch_id),
+                    ],
+                    args=[pending.count, *pending.args],
+                )
+            except Exception as exc:  # Redis down: keep the results, try again
+                logger.warning(
+                    "could not record %d result(s) of batch %s (%s); retrying in %.1fs",
+                    pending.count,
+                    batch_id,
+                    exc,
+                    delay,
+                )
+                merged = self._buffer.setdefault(batch_id, _Pending())
+                merged.args[:0] = pending.args
+                merged.count += pending.count
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.05
+            if int(final):
+                logger.info("batch %s: last request done, enqueueing the aggregator", batch_id)
+                await self.redis.enqueue_job(
+                    "aggregate", batch_id, _job_id=keys.aggregate_job_id(batch_id)
+                )
+                await self.redis.publish(keys.WAKEUP_CHANNEL, b"1")
+        self._flushed.set()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._beat()
+        self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+
+    async def close(self, *, grace_s: float = 10.0) -> None:
+        """Stop claiming; let in-flight requests finish for up to ``grace_s``; hand the
+        rest back to their batches; flush every result; remove the heartbeat."""
+        self._closing = True
+        if self._tasks:
+            logger.info(
+                "waiting up to %.0fs for %d in-flight request(s)", grace_s, len(self._tasks)
+            )
+            _, unfinished = await asyncio.wait(list(self._tasks), timeout=grace_s)
+            if unfinished:
+                await self._hand_back(unfinished)
+        await self._flushed.wait()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        try:
+            await self.redis.delete(keys.worker(self.worker_id))
+            await self.redis.zrem(keys.WORKERS, self.worker_id)
+        except Exception as exc:  # Redis gone: the heartbeat expires on its own
+            logger.warning("could not remove heartbeat: %s", exc)
+
+    async def _hand_back(self, unfinished: set[asyncio.Task[None]]) -> None:
+        by_batch: dict[str, list[str]] = {}
+        for task in unfinished:
+            batch_id, custom_id = self._tasks.get(task, ("", ""))
+            task.cancel()
+            if batch_id:
+                by_batch.setdefault(batch_id, []).append(custom_id)
+        await asyncio.gather(*unfinished, return_exceptions=True)
+        for batch_id, ids in by_batch.items():
+            released = await self.scripts.release(
+                keys=[keys.pending(batch_id), keys.inflight(batch_id), keys.results(batch_id)],
+                args=ids,
+            )
+            logger.info("handed %s unfinished request(s) of %s back", released, batch_id)
+            raw_endpoint: bytes | None = await self.redis.hget(  # type: ignore[misc]
+                keys.batch(batch_id), "endpoint"
+            )
+            endpoint = decode(raw_endpoint or b"")
+            await enqueue_ticket(self.redis, batch_id, endpoint)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self._beat()
+            except Exception as exc:
+                logger.warning("heartbeat failed: %s", exc)
+
+    async def _beat(self) -> None:
+        now = time.time()
+        key = keys.worker(self.worker_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                key,
+                mapping={
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started_at": f"{self.started_at:.3f}",
+                    "last_beat": f"{now:.3f}",
+                    "concurrency": self.concurrency,
+                    "in_flight": self.fetcher.in_flight,
+                    "claimed": self.claimed,
+                    "done": self.done,
+                    "failed": self.failed,
+                    "retries": self.retries,
+                    "upstream": self.upstream_label,
+                },
+            )
+            pipe.expire(key, max(int(self.heartbeat_s * 3), 5))
+            pipe.zadd(keys.WORKERS, {self.worker_id: now})
+            await pipe.execute()
+
+
+async def enqueue_ticket(redis: ArqRedis, batch_id: str, endpoint: str) -> None:
+    """Put one claim ticket for the batch in the queue and wake idle workers."""
+    await redis.enqueue_job("claim", batch_id, endpoint)
+    await redis.publish(keys.WAKEUP_CHANNEL, b"1")
+
+
+def result_line(custom_id: str, outcome: Outcome) -> dict[str, Any]:
+    """The output line: OpenAI Batch API shape plus ``latency_ms`` and ``attempts``."""
+    response = None
+    if outcome.status_code is not None:
+        response = {
+            "status_code": outcome.status_code,
+            "request_id": outcome.request_id,
+            "body": outcome.body,
+        }
+    error = None
+    if outcome.error is not None:
+        error = {"code": outcome.error.code, "message": outcome.error.message}
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": response,
+        "error": error,
+        "latency_ms": outcome.latency_ms,
+        "attempts": outcome.attempts,
+    }
