@@ -41,6 +41,30 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
 
+def parse_file(path: str | Path, *, settings: Settings) -> ParsedBatch:
+    """Read and validate a JSONL file whole (size and line limits from ``settings``)."""
+    path = Path(path)
+    limit = settings.max_file_bytes
+    try:
+        size = path.stat().st_size
+        if size > limit:  # refuse before reading a huge file into memory
+            raise InputError(
+                str(path),
+                [LineError(0, None, f"file is {size:,} bytes, over the {limit:,}-byte limit")],
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        problem = LineError(0, None, f"cannot read: {exc.strerror}")
+        raise InputError(str(path), [problem]) from exc
+    return parse_jsonl(
+        data,
+        source=str(path),
+        default_model=settings.model,
+        max_lines=settings.max_lines,
+        max_bytes=limit,
+    )
+
+
 class Producer:
     """Enqueues batches into Redis and reads them back. Use as an async context manager."""
 
@@ -116,27 +140,7 @@ class Producer:
         return await self.submit(parsed, batch_id=batch_id, priority=priority)
 
     def parse_file(self, path: str | Path) -> ParsedBatch:
-        path = Path(path)
-        limit = self.settings.max_file_bytes
-        try:
-            size = path.stat().st_size
-            if size > limit:  # refuse before reading a huge file into memory
-                raise InputError(
-                    str(path),
-                    [LineError(0, None, f"file is {size:,} bytes, over the {limit:,}-byte limit")],
-                )
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InputError(
-                str(path), [LineError(0, None, f"cannot read: {exc.strerror}")]
-            ) from exc
-        return parse_jsonl(
-            data,
-            source=str(path),
-            default_model=self.settings.model,
-            max_lines=self.settings.max_lines,
-            max_bytes=self.settings.max_file_bytes,
-        )
+        return parse_file(path, settings=self.settings)
 
     async def _enqueue(self, parsed: ParsedBatch, batch_id: str, priority: Priority) -> None:
         total = len(parsed.requests)
@@ -254,6 +258,11 @@ class Batch:
         event stream, so it can start late (it replays from the beginning) and any
         number of readers can follow one batch.
         """
+        async for raw in self.as_completed_raw(block_ms=block_ms):
+            yield Result.model_validate_json(raw)
+
+    async def as_completed_raw(self, *, block_ms: int = 1000) -> AsyncIterator[bytes]:
+        """Like ``as_completed`` but yields the stored JSON lines unparsed (fast export)."""
         events = keys.events(self.id)
         last = "0-0"
         while True:
@@ -280,7 +289,7 @@ class Batch:
                 )
                 for value in values:
                     if value is not None:
-                        yield Result.model_validate_json(value)
+                        yield value
             if ended:
                 return
 

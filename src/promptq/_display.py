@@ -1,0 +1,130 @@
+"""Terminal output for the CLI: progress bars and tables (rich), all on stderr except
+what scripts read (ids, JSON)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from promptq.shared.models import BatchInfo, BatchStats
+
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class BatchProgress:
+    """A live bar for one batch: done/total, failures, retries, rate, ETA."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress = progress
+        self._task = task
+        self._start = time.monotonic()
+
+    def update(self, *, done: int, total: int, failed: int, retries: int = 0) -> None:
+        elapsed = max(time.monotonic() - self._start, 1e-9)
+        self._progress.update(
+            self._task,
+            completed=done,
+            total=total,
+            failed=failed,
+            retries=retries,
+            rate=f"{done / elapsed:,.0f} req/s",
+        )
+
+
+@contextmanager
+def batch_progress(description: str, *, total: int) -> Iterator[BatchProgress]:
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
+        TextColumn("[yellow]{task.fields[retries]} retries"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total, failed=0, retries=0, rate="")
+        yield BatchProgress(progress, task)
+
+
+def _ts(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return datetime.fromtimestamp(value, tz=UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def batch_table(info: BatchInfo) -> Table:
+    table = Table(title=f"batch {info.id}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("status", info.status.value + (f" ({info.reason})" if info.reason else ""))
+    table.add_row("progress", f"{info.done:,} / {info.total:,}")
+    table.add_row("succeeded", f"{info.succeeded:,}")
+    table.add_row("failed", f"{info.failed:,}")
+    table.add_row("retries", f"{info.retries:,}")
+    table.add_row("model / endpoint", f"{info.model} {info.endpoint}")
+    table.add_row("priority", info.priority.value)
+    table.add_row("created", _ts(info.created_at))
+    table.add_row("completed", _ts(info.completed_at))
+    return table
+
+
+def stats_table(stats: BatchStats, *, title: str = "Statistics") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric", style="bold")
+    table.add_column("value", justify="right")
+    finished = stats.succeeded + stats.failed
+    table.add_row("requests", f"{finished:,}")
+    table.add_row("succeeded", f"{stats.succeeded:,} ({stats.success_rate:.1%})")
+    table.add_row("failed", f"{stats.failed:,}")
+    for name in ("p50", "p90", "p95", "p99", "mean", "max"):
+        table.add_row(f"latency {name}", f"{getattr(stats, name + '_ms'):,.1f} ms")
+    table.add_row("wall time", f"{stats.wall_s:,.2f} s")
+    table.add_row("throughput", f"{stats.throughput_rps:,.1f} req/s")
+    table.add_row("tokens in / out", f"{stats.input_tokens:,} / {stats.output_tokens:,}")
+    if stats.errors_by_code:
+        errors = ", ".join(f"{code}: {n:,}" for code, n in stats.errors_by_code.items())
+        table.add_row("errors by code", errors)
+    return table
+
+
+def workers_table(workers: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title=f"{len(workers)} live worker(s)", title_justify="left")
+    for column in ("worker", "host", "pid", "slots", "in flight", "done", "failed", "retries"):
+        table.add_column(column, justify="left" if column in ("worker", "host") else "right")
+    table.add_column("last beat", justify="right")
+    now = time.time()
+    for w in workers:
+        table.add_row(
+            str(w.get("id")),
+            str(w.get("host")),
+            str(w.get("pid")),
+            str(w.get("concurrency")),
+            str(w.get("in_flight")),
+            str(w.get("done")),
+            str(w.get("failed")),
+            str(w.get("retries")),
+            f"{now - float(w.get('last_beat') or now):.1f} s ago",
+        )
+    return table

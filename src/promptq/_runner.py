@@ -1,0 +1,211 @@
+"""What ``promptq demo``, ``run``, ``watch`` and ``workers`` do, behind the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from promptq import _display as display
+from promptq._outputs import ResultFiles
+from promptq.embedded import local_cluster
+from promptq.producer import Batch, Producer, parse_file
+from promptq.shared import keys
+from promptq.shared.connection import connect
+from promptq.shared.scripts import decode
+from promptq.shared.settings import Settings, redact_url
+
+logger = logging.getLogger(__name__)
+
+#: how long `run` lets its worker processes drain before killing them
+WORKER_STOP_S = 15.0
+
+
+async def follow(
+    batch: Batch, files: ResultFiles | None, *, total: int, label: str
+) -> tuple[int, int, float]:
+    """Stream a batch's results with a progress bar; returns (ok, failed, sum latency s)."""
+    ok = failed = retries = 0
+    latency_s = 0.0
+    with display.batch_progress(label, total=total) as bar:
+        async for raw in batch.as_completed_raw():
+            result = orjson.loads(raw)
+            if result.get("error") is None:
+                ok += 1
+            else:
+                failed += 1
+            retries += max(int(result.get("attempts") or 0) - 1, 0)
+            latency_s += float(result.get("latency_ms") or 0) / 1000
+            if files is not None:
+                files.write(raw)
+            bar.update(done=ok + failed, total=total, failed=failed, retries=retries)
+    return ok, failed, latency_s
+
+
+async def run_demo(
+    settings: Settings,
+    *,
+    n: int,
+    latency_ms: float,
+    jitter_ms: float,
+    error_rate: float,
+    rate_429: float,
+    workers: int,
+) -> None:
+    from promptq.mock import MockConfig, MockServer
+
+    config = MockConfig(
+        latency_ms=latency_ms, jitter_ms=jitter_ms, error_rate=error_rate, rate_429=rate_429
+    )
+    async with MockServer(config) as mock:
+        settings = settings.model_copy(update={"upstream_url": mock.url, "model": "mock-gpt"})
+        where = (
+            redact_url(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
+        )
+        display.err_console.print(
+            f"[bold]promptq demo[/bold]: {n:,} prompts -> mock upstream at {mock.url} "
+            f"({latency_ms:g} ms + up to {jitter_ms:g} ms jitter, {error_rate:.0%} 500s, "
+            f"{rate_429:.0%} 429s)\n{workers} worker(s) x {settings.concurrency} slots, "
+            f"queue: {where}"
+        )
+        prompts = [
+            {"custom_id": f"demo-{i}", "prompt": f"Write a haiku about the number {i}."}
+            for i in range(n)
+        ]
+        async with local_cluster(settings, workers=workers) as producer:
+            batch = await producer.submit(prompts)
+            _, _, latency_s = await follow(batch, None, total=n, label="demo")
+            stats = await batch.wait()
+            sample = [r async for r in batch.results()][:3]
+        display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
+        for result in sample:
+            display.out_console.print(f"  {result.custom_id}: {result.content!r}", highlight=False)
+        speedup = latency_s / stats.wall_s if stats.wall_s else 0.0
+        display.out_console.print(
+            f"\nOne request at a time this would take about [bold]{latency_s:,.1f} s[/bold] "
+            f"(the sum of the latencies); promptq took [bold]{stats.wall_s:,.2f} s[/bold]: "
+            f"[bold green]{speedup:,.0f}x faster[/bold green]. "
+            f"The upstream saw {mock.stats.requests:,} calls for {n:,} prompts "
+            "(the rest were retries).",
+            highlight=False,
+        )
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude={"api_key", "api_token"}).items():
+        if value is not None:
+            env[f"PROMPTQ_{name.upper()}"] = str(value)
+    if settings.api_key is not None:
+        env["PROMPTQ_API_KEY"] = settings.api_key.get_secret_value()
+    return env
+
+
+@contextlib.asynccontextmanager
+async def worker_processes(settings: Settings, count: int) -> AsyncIterator[None]:
+    """Start ``count`` ``promptq worker`` processes; SIGTERM them (graceful) on exit."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "promptq",
+            "--log-level",
+            "WARNING",
+            "worker",
+            env=_worker_env(settings),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), WORKER_STOP_S)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def run_batch(
+    settings: Settings,
+    *,
+    input_path: Path,
+    output: Path,
+    errors_out: Path,
+    workers: int,
+    batch_id: str | None,
+) -> int:
+    """Validate, enqueue, process and write one batch; return the number of failures."""
+    parsed = parse_file(input_path, settings=settings)  # bad input: exit before any setup
+    total = len(parsed.requests)
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.redis_url is None:
+            producer = await stack.enter_async_context(
+                local_cluster(settings, workers=max(workers, 1))
+            )
+            mode = f"embedded, {max(workers, 1)} in-process worker(s)"
+        else:
+            producer = await stack.enter_async_context(
+                Producer.from_url(settings.redis_url, settings=settings)
+            )
+            if workers > 0:
+                await stack.enter_async_context(worker_processes(settings, workers))
+            mode = f"Redis {redact_url(settings.redis_url)}, {workers} local worker process(es)"
+        batch = await producer.submit(parsed, batch_id=batch_id)
+        display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")
+        with ResultFiles(output, errors_out) as files:
+            await follow(batch, files, total=total, label=batch.id[:20])
+        stats = await batch.wait()
+    display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
+    display.err_console.print(
+        f"{files.ok:,} succeeded -> {output}; {files.failed:,} failed -> {errors_out}"
+    )
+    return files.failed
+
+
+async def watch_batch(settings: Settings, batch_id: str) -> None:
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
+        batch = producer.batch(batch_id)
+        info = await batch.info()
+        with display.batch_progress(batch_id[:20], total=info.total) as bar:
+            while True:
+                bar.update(
+                    done=info.done, total=info.total, failed=info.failed, retries=info.retries
+                )
+                if info.status.terminal:
+                    break
+                await asyncio.sleep(0.25)  # screen refresh rate
+                info = await batch.info()
+    display.out_console.print(display.batch_table(info))
+    if info.stats:
+        display.out_console.print(display.stats_table(info.stats))
+
+
+async def list_workers(settings: Settings) -> list[dict[str, Any]]:
+    redis = await connect(settings.redis_url_or_default)
+    try:
+        since = time.time() - 3 * settings.heartbeat_s
+        await redis.zremrangebyscore(keys.WORKERS, "-inf", since - 3600)  # long gone
+        found = []
+        for raw_id in await redis.zrangebyscore(keys.WORKERS, since, "+inf"):
+            worker_id = decode(raw_id)
+            beat: dict[bytes, bytes] = await redis.hgetall(keys.worker(worker_id))  # type: ignore[misc]
+            if beat:
+                found.append({"id": worker_id, **{decode(k): decode(v) for k, v in beat.items()}})
+        return found
+    finally:
+        await redis.aclose()

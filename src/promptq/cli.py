@@ -1,0 +1,384 @@
+"""The ``promptq`` command.
+
+Configuration comes from ``PROMPTQ_*`` environment variables (see ``promptq --help``);
+flags override them. Exit codes: 0 success, 1 the batch finished with failed requests
+(``run``) or an operational error (Redis unreachable), 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import orjson
+from pydantic import ValidationError
+
+from promptq import _display as display
+from promptq._outputs import ResultFiles, default_errors_path
+from promptq.shared.errors import (
+    BatchError,
+    BatchNotFound,
+    InputError,
+    PromptqError,
+    RedisUnavailable,
+)
+from promptq.shared.settings import Settings
+
+T = TypeVar("T")
+
+EXIT_FAILED_REQUESTS = 1
+EXIT_USAGE = 2
+
+CONFIG_HELP = """
+\b
+Configuration (environment; flags override):
+  PROMPTQ_REDIS_URL      redis:// or rediss:// URL; unset = embedded mode for run/demo,
+                         redis://localhost:6379 for worker/submit/status/...
+  PROMPTQ_UPSTREAM_URL   OpenAI-compatible base URL ending in /v1 (default OpenAI)
+  PROMPTQ_API_KEY        upstream key (falls back to OPENAI_API_KEY); workers only
+  PROMPTQ_MODEL          model when a request names none (default gpt-4o-mini)
+  PROMPTQ_CONCURRENCY    in-flight upstream requests per worker process (default 64)
+  PROMPTQ_MAX_ATTEMPTS   attempts per request, first included (default 5)
+  PROMPTQ_TIMEOUT_S      per-attempt upstream timeout in seconds (default 60)
+"""
+
+
+def _fail(message: str, code: int) -> None:
+    display.err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+def _run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | None]:
+    """Run an async command; turn promptq errors into messages and exit codes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T | None:
+        try:
+            return asyncio.run(fn(*args, **kwargs))
+        except InputError as exc:
+            print(exc.render(limit=50), file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        except (BatchNotFound, BatchError) as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except RedisUnavailable as exc:
+            _fail(str(exc), 1)
+        except PromptqError as exc:
+            _fail(str(exc), 1)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        return None
+
+    return wrapper
+
+
+def _settings(ctx: click.Context, **overrides: Any) -> Settings:
+    merged = {**ctx.obj, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PROMPTQ_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        _fail(f"invalid configuration: {problems}", EXIT_USAGE)
+        raise AssertionError("unreachable") from exc
+
+
+@click.group(epilog=CONFIG_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--redis-url", metavar="URL", help="Redis URL (overrides PROMPTQ_REDIS_URL).", default=None
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default=None,
+    help="Log verbosity, to stderr [default: INFO for worker and mock-llm, WARNING otherwise].",
+)
+@click.version_option(package_name="promptq")
+@click.pass_context
+def main(ctx: click.Context, redis_url: str | None, log_level: str | None) -> None:
+    """promptq: run many LLM requests at once through Redis and arq workers.
+
+    Start with `promptq demo`. Typical use: `promptq worker` on each machine,
+    `promptq submit prompts.jsonl`, then `promptq watch ID` and `promptq results ID -o out.jsonl`;
+    or everything in one step with `promptq run prompts.jsonl -o out.jsonl`.
+    """
+    if log_level is None:
+        log_level = "INFO" if ctx.invoked_subcommand in ("worker", "mock-llm") else "WARNING"
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if log_level.upper() != "DEBUG":
+        # arq logs every job start and end at INFO: thousands of lines a minute here.
+        logging.getLogger("arq").setLevel(logging.WARNING)
+    ctx.obj = {"redis_url": redis_url} if redis_url else {}
+
+
+# -- demo and run ----------------------------------------------------------------------
+
+
+@main.command()
+@click.option("-n", "--requests", "n", default=300, show_default=True, help="Prompts to run.")
+@click.option(
+    "--latency-ms", default=300.0, show_default=True, help="Mock upstream latency per request."
+)
+@click.option("--jitter-ms", default=200.0, show_default=True, help="Plus uniform(0, jitter).")
+@click.option(
+    "--error-rate", default=0.03, show_default=True, help="Fraction of 500s the mock injects."
+)
+@click.option(
+    "--rate-429", default=0.03, show_default=True, help="Fraction of 429s the mock injects."
+)
+@click.option("--workers", default=2, show_default=True, help="In-process workers.")
+@click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
+@click.pass_context
+def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **opts: Any) -> None:
+    """Zero-setup showcase: mock upstream + queue + workers in one process.
+
+    Runs N prompts through the whole pipeline (with some injected 429s and 500s to show
+    retries), prints live progress, the stats table, and what concurrency bought
+    compared with sending the same requests one at a time. Uses PROMPTQ_REDIS_URL if set
+    (watch it with redis-cli), else an embedded in-process Redis.
+    """
+    from promptq._runner import run_demo
+
+    if n < 1:
+        _fail("--requests must be at least 1", EXIT_USAGE)
+    settings = _settings(ctx, concurrency=opts.pop("concurrency"))
+    _run_async(run_demo)(settings, n=n, latency_ms=latency_ms, jitter_ms=jitter_ms, **opts)
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="Where successful result lines go (JSONL).",
+)  # fmt: skip
+@click.option(
+    "--errors-out", type=click.Path(dir_okay=False, path_type=Path),
+    help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
+)  # fmt: skip
+@click.option(
+    "--workers", type=int, default=2, show_default=True,
+    help="Local worker processes to start (with PROMPTQ_REDIS_URL; 0 = use running workers). "
+    "In embedded mode: in-process workers.",
+)  # fmt: skip
+@click.option("--batch-id", help="Batch id (default: generated).")
+@click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
+@click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
+@click.option("--model", help="Default model (PROMPTQ_MODEL).")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    /,
+    input_path: Path,
+    output: Path,
+    errors_out: Path | None,
+    workers: int,
+    batch_id: str | None,
+    **overrides: Any,
+) -> None:
+    """Run one batch end to end: validate, enqueue, process, write results.
+
+    Exits 0 when every request succeeded, 1 when some failed (they are in the errors
+    file), 2 on bad input (nothing is enqueued).
+    """
+    from promptq._runner import run_batch
+
+    settings = _settings(ctx, **overrides)
+    failed = _run_async(run_batch)(
+        settings,
+        input_path=input_path,
+        output=output,
+        errors_out=errors_out or default_errors_path(output),
+        workers=workers,
+        batch_id=batch_id,
+    )
+    sys.exit(EXIT_FAILED_REQUESTS if failed else 0)
+
+
+# -- distributed commands --------------------------------------------------------------
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-id", help="Batch id (default: generated). Letters, digits, _ and -.")
+@click.option(
+    "--priority", type=click.Choice(["urgent", "bulk"]), default="bulk", show_default=True,
+    help="Lane of the batch.",
+)  # fmt: skip
+@click.pass_context
+def submit(ctx: click.Context, input_path: Path, batch_id: str | None, priority: str) -> None:
+    """Validate INPUT and enqueue it; print the batch id (only the id) on stdout."""
+    from promptq.producer import Producer
+
+    settings = _settings(ctx)
+
+    async def go() -> None:
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            parsed = p.parse_file(input_path)  # validate before touching Redis
+            batch = await p.submit(parsed, batch_id=batch_id, priority=priority)
+        print(batch.id)
+
+    _run_async(go)()
+
+
+@main.command()
+@click.option("--concurrency", type=int, help="Max in-flight upstream requests (default 64).")
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty and work is done.")
+@click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
+@click.pass_context
+def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
+    """Run one worker process (arq) until SIGINT/SIGTERM.
+
+    On shutdown it stops taking work, lets in-flight requests finish for up to 10 s,
+    and hands the rest back to the queue. Start as many as you like, on any machine.
+    """
+    from promptq.worker import create_worker
+
+    settings = _settings(ctx, **overrides)
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:  # pragma: no cover - optional speed-up
+        pass
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    try:
+        create_worker(settings, burst=burst).run()
+    except RedisUnavailable as exc:
+        _fail(str(exc), 1)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@click.pass_context
+def status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
+    """Counts and statistics of a batch."""
+    from promptq.producer import Producer
+
+    settings = _settings(ctx)
+
+    async def go() -> None:
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            info = await p.batch(batch_id).info()
+        if as_json:
+            sys.stdout.write(orjson.dumps(info.to_json_dict()).decode() + "\n")
+            return
+        display.out_console.print(display.batch_table(info))
+        if info.stats:
+            display.out_console.print(display.stats_table(info.stats))
+
+    _run_async(go)()
+
+
+@main.command()
+@click.argument("batch_id")
+@click.pass_context
+def watch(ctx: click.Context, batch_id: str) -> None:
+    """Live progress bar until the batch finishes, then its statistics."""
+    from promptq._runner import watch_batch
+
+    _run_async(watch_batch)(_settings(ctx), batch_id)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+    help="Where successful result lines go (JSONL).",
+)  # fmt: skip
+@click.option(
+    "--errors-out", type=click.Path(dir_okay=False, path_type=Path),
+    help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
+)  # fmt: skip
+@click.option("--follow", is_flag=True, help="Stream results as they finish until the end.")
+@click.pass_context
+def results(
+    ctx: click.Context, batch_id: str, output: Path, errors_out: Path | None, follow: bool
+) -> None:
+    """Write a batch's results as JSONL (successes to OUTPUT, failures to the errors file)."""
+    from promptq.producer import Producer
+
+    settings = _settings(ctx)
+
+    async def go() -> None:
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            batch = p.batch(batch_id)
+            info = await batch.info(with_stats=False)
+            source = batch.as_completed_raw() if follow else batch.raw_results()
+            with ResultFiles(output, errors_out or default_errors_path(output)) as files:
+                async for raw in source:
+                    files.write(raw)
+            if not follow and not info.status.terminal:
+                display.err_console.print(
+                    f"[yellow]batch is {info.status.value}:[/yellow] wrote the "
+                    f"{files.written:,} result(s) so far of {info.total:,}; "
+                    "use --follow to wait for the rest"
+                )
+        display.err_console.print(
+            f"{files.ok:,} succeeded -> {files.ok_path}, {files.failed:,} failed -> "
+            f"{files.errors_path}"
+        )
+
+    _run_async(go)()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.pass_context
+def workers(ctx: click.Context, as_json: bool) -> None:
+    """Live workers (from their heartbeats in Redis)."""
+    from promptq._runner import list_workers
+
+    found = _run_async(list_workers)(_settings(ctx)) or []
+    if as_json:
+        sys.stdout.write(orjson.dumps(found).decode() + "\n")
+    else:
+        display.out_console.print(display.workers_table(found))
+
+
+@main.command("mock-llm")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
+@click.option("--port", default=8001, show_default=True, help="Port (0 = any free port).")
+@click.option("--latency-ms", default=0.0, show_default=True, help="Fixed latency per answer.")
+@click.option("--jitter-ms", default=0.0, show_default=True, help="Plus uniform(0, jitter).")
+@click.option("--error-rate", default=0.0, show_default=True, help="Fraction answered 500.")
+@click.option("--rate-429", default=0.0, show_default=True, help="Fraction answered 429.")
+@click.option("--retry-after-s", type=float, help="Retry-After seconds on those 429s.")
+@click.option("--hang-rate", default=0.0, show_default=True, help="Fraction never answered.")
+@click.option(
+    "--malformed-rate", default=0.0, show_default=True, help="Fraction with invalid JSON."
+)
+@click.option("--drop-rate", default=0.0, show_default=True, help="Fraction whose socket drops.")
+@click.option("--seed", type=int, help="RNG seed for reproducible faults.")
+def mock_llm(host: str, port: int, **options: Any) -> None:
+    """Mock OpenAI-compatible upstream (POST /v1/chat/completions, GET /stats).
+
+    Answers deterministically ("echo: <prompt>"), with optional latency and injected
+    faults. A prompt may script its own fate: "hi [[mock status=500 fail=2]]" fails
+    twice then succeeds; also status=429 retry_after=1.5, quota=1, hang=1,
+    malformed=1, drop=1, latency_ms=L.
+    """
+    from promptq.mock import MockConfig, serve_forever
+
+    try:
+        config = MockConfig(**options)
+    except (TypeError, ValueError) as exc:
+        _fail(f"invalid mock option: {exc}", EXIT_USAGE)
+        return
+    try:
+        asyncio.run(serve_forever(config, host=host, port=port))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror}", 1)

@@ -1,0 +1,113 @@
+"""Configuration and live counters of the mock upstream."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["MockConfig", "MockStats"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MockConfig:
+    """Behaviour of the mock upstream. Defaults: instant, fault-free answers.
+
+    Fault rates are fractions in ``[0, 1]`` of requests *without* ``[[mock ...]]``
+    directives; their sum must not exceed 1 (one uniform draw picks at most one fault).
+
+    Attributes:
+        latency_ms: fixed latency added to every response, milliseconds (default 0).
+        jitter_ms: plus ``uniform(0, jitter_ms)`` milliseconds (default 0).
+        error_rate: fraction answered 500 ``server_error`` (default 0).
+        rate_429: fraction answered 429 ``rate_limit_exceeded`` (default 0).
+        retry_after_s: if set, 429 rate-limit answers carry ``retry-after`` (seconds, may
+            be fractional, e.g. ``"1.5"``) and ``retry-after-ms`` (default ``None``).
+        hang_rate: fraction never answered until the client gives up or the server
+            shuts down (default 0).
+        malformed_rate: fraction answered 200 with truncated, invalid JSON (default 0).
+        drop_rate: fraction whose connection is closed without a response (default 0).
+        seed: RNG seed for reproducible fault injection and jitter (default ``None``).
+        model: model reported when the request names none (default ``"mock-gpt"``).
+    """
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    error_rate: float = 0.0
+    rate_429: float = 0.0
+    retry_after_s: float | None = None
+    hang_rate: float = 0.0
+    malformed_rate: float = 0.0
+    drop_rate: float = 0.0
+    seed: int | None = None
+    model: str = "mock-gpt"
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "jitter_ms"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"MockConfig.{name} must be a finite number >= 0, got {value}")
+        if self.retry_after_s is not None and (
+            not math.isfinite(self.retry_after_s) or self.retry_after_s < 0
+        ):
+            raise ValueError(f"MockConfig.retry_after_s must be >= 0, got {self.retry_after_s}")
+        rates = {
+            "error_rate": self.error_rate,
+            "rate_429": self.rate_429,
+            "hang_rate": self.hang_rate,
+            "malformed_rate": self.malformed_rate,
+            "drop_rate": self.drop_rate,
+        }
+        for name, rate in rates.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"MockConfig.{name} must be in [0, 1], got {rate}")
+        if sum(rates.values()) > 1.0 + 1e-9:
+            raise ValueError(f"MockConfig fault rates must sum to <= 1, got {rates}")
+        if not self.model:
+            raise ValueError("MockConfig.model must be a non-empty string")
+
+
+@dataclass(slots=True)
+class MockStats:
+    """Live counters of ``POST /v1/chat/completions`` (other endpoints are not counted).
+
+    Attributes:
+        requests: chat requests received, including invalid ones.
+        responses_by_status: responses sent, by HTTP status (malformed ones count as 200;
+            hangs and drops send nothing and are not counted here).
+        in_flight: chat requests currently being handled (a gauge).
+        max_in_flight: high-water mark of ``in_flight`` since start or the last reset.
+        hangs: requests that hung; drops: connections closed without a response;
+        malformed: 200 answers with invalid JSON.
+    """
+
+    requests: int = 0
+    responses_by_status: dict[int, int] = field(default_factory=dict)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    hangs: int = 0
+    drops: int = 0
+    malformed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready copy; ``responses_by_status`` keys become strings (as JSON has it)."""
+        return {
+            "requests": self.requests,
+            "responses_by_status": {
+                str(status): count for status, count in sorted(self.responses_by_status.items())
+            },
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "hangs": self.hangs,
+            "drops": self.drops,
+            "malformed": self.malformed,
+        }
+
+    def reset(self) -> None:
+        """Zero the counters. ``in_flight`` is a gauge, so it is kept (and seeds the max)."""
+        self.requests = 0
+        self.responses_by_status.clear()
+        self.max_in_flight = self.in_flight
+        self.hangs = 0
+        self.drops = 0
+        self.malformed = 0

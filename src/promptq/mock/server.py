@@ -1,0 +1,407 @@
+"""A mock OpenAI-compatible upstream (aiohttp) for the demo, the tests and the benchmarks.
+
+``POST /v1/chat/completions`` answers ``"echo: <last user text>"`` (see
+:func:`expected_content`) after an optional latency, or a fault: random ones from
+:class:`MockConfig` rates, or scripted ones from ``[[mock ...]]`` directives in the
+prompt (see :class:`~promptq.mock._directives.Directives`). ``GET /stats`` reports
+:class:`MockStats`, ``POST /stats/reset`` zeroes it, ``GET /v1/models`` lists the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from promptq.mock._directives import (
+    DIRECTIVE_MARKER,
+    DirectiveError,
+    Directives,
+    expected_content,
+    parse_directives,
+)
+from promptq.mock._models import MockConfig, MockStats
+from promptq.mock._responses import (
+    invalid_request,
+    openai_errors,
+    status_error,
+    success,
+    success_bytes,
+    to_ms,
+)
+
+__all__ = [
+    "MockConfig",
+    "MockServer",
+    "MockStats",
+    "create_app",
+    "expected_content",
+    "serve_forever",
+]
+
+logger = logging.getLogger(__name__)
+
+_MARKER_BYTES: Final = DIRECTIVE_MARKER.encode()
+_JSON: Final = "application/json"
+# Prompts in benchmarks can be large; aiohttp's default 1 MiB cap would answer 413.
+_CLIENT_MAX_SIZE: Final = 32 * 1024 * 1024
+# Bounds memory of the fail=K attempt counters in long runs (oldest entries go first).
+_MAX_TRACKED_BODIES: Final = 100_000
+# Grace for in-flight handlers at shutdown; hung ones are released explicitly before it.
+_SHUTDOWN_TIMEOUT_S: Final = 0.5
+
+_RANDOM_FAULTS: Final = ("error", "rate_limit", "hang", "malformed", "drop")
+
+
+class _MockState:
+    """Per-app state and handlers (bound methods avoid an app-dict lookup per request)."""
+
+    def __init__(self, config: MockConfig) -> None:
+        self.config = config
+        self.stats = MockStats()
+        self.attempts: dict[bytes, int] = {}
+        self._fault_rng = random.Random(config.seed)
+        # A separate stream keeps the fault sequence independent of whether jitter is on.
+        self._jitter_rng = random.Random(None if config.seed is None else config.seed ^ 0x5EED)
+        self._latency_s = config.latency_ms / 1000.0
+        self._jitter_s = config.jitter_ms / 1000.0
+        self._released = asyncio.Event()
+        bands: list[tuple[float, str]] = []
+        total = 0.0
+        rates = (
+            config.error_rate,
+            config.rate_429,
+            config.hang_rate,
+            config.malformed_rate,
+            config.drop_rate,
+        )
+        for rate, kind in zip(rates, _RANDOM_FAULTS, strict=True):
+            if rate > 0:
+                total += rate
+                bands.append((total, kind))
+        self._bands = tuple(bands)
+
+    def reset(self) -> None:
+        self.stats.reset()
+        self.attempts.clear()
+
+    async def on_shutdown(self, _app: web.Application) -> None:
+        # Hung handlers wait on this event; without it shutdown would wait for the timeout.
+        self._released.set()
+
+    # -- endpoints -------------------------------------------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        stats.in_flight += 1
+        if stats.in_flight > stats.max_in_flight:
+            stats.max_in_flight = stats.in_flight
+        try:
+            response = await self._chat(request)
+        finally:
+            stats.in_flight -= 1
+        if response is not None:
+            by_status = stats.responses_by_status
+            by_status[response.status] = by_status.get(response.status, 0) + 1
+            return response
+        # Drop/hang: answer nothing. aiohttp fails to write this response to the closed
+        # transport and treats it as a premature client disconnect (debug log only).
+        return web.Response(status=204)
+
+    async def models(self, _request: web.Request) -> web.Response:
+        model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "mock"}
+        payload = {"object": "list", "data": [model]}
+        return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
+    async def stats_view(self, _request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps(self.stats.as_dict()), content_type=_JSON)
+
+    async def stats_reset(self, _request: web.Request) -> web.Response:
+        self.reset()
+        return web.Response(body=orjson.dumps(self.stats.as_dict()), content_type=_JSON)
+
+    # -- chat completions ------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.Response | None:
+        raw = await request.read()
+        parsed = self._parse(raw)
+        if isinstance(parsed, web.Response):
+            return parsed
+        body, messages, model = parsed
+        if _MARKER_BYTES in raw:
+            try:
+                directives = parse_directives(messages)
+            except DirectiveError as exc:
+                return invalid_request(str(exc))
+            if directives is not None:
+                return await self._scripted(request, raw, body, messages, model, directives)
+        latency = self._default_latency()
+        if latency > 0:
+            await asyncio.sleep(latency)
+        if self._bands:
+            roll = self._fault_rng.random()
+            for threshold, kind in self._bands:
+                if roll < threshold:
+                    return await self._random_fault(request, kind, body, messages, model)
+        return success(success_bytes(body, messages, model))
+
+    def _parse(self, raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]], str] | web.Response:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return invalid_request("We could not parse the JSON body of your request.")
+        if not isinstance(body, dict):
+            return invalid_request("The request body must be a JSON object.")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return invalid_request("'messages' is required and must be a non-empty array.")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict):
+                return invalid_request(f"Invalid type for 'messages[{index}]': expected an object.")
+        if body.get("stream"):
+            return invalid_request(
+                "Streaming (stream=true) is not supported by the mock.", "stream"
+            )
+        model = body.get("model")
+        if model is None:
+            model = self.config.model
+        elif not isinstance(model, str) or not model:
+            return invalid_request("'model' must be a non-empty string.", "model")
+        return body, messages, model
+
+    def _default_latency(self) -> float:
+        if self._jitter_s > 0:
+            return self._latency_s + self._jitter_rng.uniform(0.0, self._jitter_s)
+        return self._latency_s
+
+    def _malformed(
+        self, body: Mapping[str, Any], messages: list[dict[str, Any]], model: str
+    ) -> web.Response:
+        self.stats.malformed += 1
+        full = success_bytes(body, messages, model)
+        # Half an object is never valid JSON: the closing brace is always cut off.
+        return success(full[: len(full) // 2])
+
+    def _drop(self, request: web.Request) -> None:
+        self.stats.drops += 1
+        _close(request)
+
+    async def _hang(self, request: web.Request) -> None:
+        self.stats.hangs += 1
+        # Ends on server shutdown; a client disconnect cancels the handler instead
+        # (MockServer runs with handler_cancellation=True).
+        await self._released.wait()
+        _close(request)
+
+    async def _random_fault(
+        self,
+        request: web.Request,
+        kind: str,
+        body: Mapping[str, Any],
+        messages: list[dict[str, Any]],
+        model: str,
+    ) -> web.Response | None:
+        if kind == "error":
+            return status_error(500, model)
+        if kind == "rate_limit":
+            wait = self.config.retry_after_s
+            return status_error(429, model, retry_after=wait, retry_after_ms=to_ms(wait))
+        if kind == "hang":
+            await self._hang(request)
+            return None
+        if kind == "malformed":
+            return self._malformed(body, messages, model)
+        self._drop(request)
+        return None
+
+    async def _scripted(
+        self,
+        request: web.Request,
+        raw: bytes,
+        body: dict[str, Any],
+        messages: list[dict[str, Any]],
+        model: str,
+        directives: Directives,
+    ) -> web.Response | None:
+        faulty = directives.has_fault
+        if faulty and directives.fail is not None:
+            # Counted on arrival (before latency) so concurrent retries see distinct attempts.
+            key = _body_key(body, raw)
+            attempt = self.attempts.pop(key, 0) + 1
+            if len(self.attempts) >= _MAX_TRACKED_BODIES:
+                del self.attempts[next(iter(self.attempts))]
+            self.attempts[key] = attempt
+            faulty = attempt <= directives.fail
+        if directives.latency_ms is not None:
+            latency = directives.latency_ms / 1000.0
+        else:
+            latency = self._default_latency()
+        if latency > 0:
+            await asyncio.sleep(latency)
+        if not faulty:
+            return success(success_bytes(body, messages, model))
+        if directives.drop:
+            self._drop(request)
+            return None
+        if directives.hang:
+            await self._hang(request)
+            return None
+        if directives.malformed:
+            return self._malformed(body, messages, model)
+        status = 429 if directives.quota else directives.status
+        assert status is not None  # has_fault without drop/hang/malformed/quota
+        retry_after, retry_after_ms = directives.retry_after, directives.retry_after_ms
+        if (
+            status == 429
+            and not directives.quota
+            and retry_after is None
+            and retry_after_ms is None
+        ):
+            retry_after = self.config.retry_after_s
+            retry_after_ms = to_ms(retry_after)
+        return status_error(
+            status,
+            model,
+            quota=directives.quota,
+            retry_after=retry_after,
+            retry_after_ms=retry_after_ms,
+        )
+
+
+def _body_key(body: dict[str, Any], raw: bytes) -> bytes:
+    """Identity of "the same request" across retries: hash of the canonical JSON body."""
+    try:
+        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError:  # pragma: no cover - loads output always re-encodes
+        canonical = raw
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
+def _close(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+class _HttpLogger(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's protocol logger, minus tracebacks for malformed HTTP from clients.
+
+    aiohttp logs garbage on the socket (no Host header, TLS on the HTTP port, ...) with a
+    full traceback; here that is one WARNING line. Handler bugs keep their traceback.
+    """
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            self.warning("mock upstream: rejected malformed HTTP (%s: %s)", exc.code, exc.message)
+        else:
+            super().exception(msg, *args, **kwargs)
+
+
+_HTTP_LOGGER: Final = _HttpLogger(logging.getLogger(__name__ + ".http"))
+
+_STATE_KEY: Final = web.AppKey("promptq_mock_state", _MockState)
+
+
+def create_app(config: MockConfig | None = None) -> web.Application:
+    """Build the mock upstream application for ``config`` (defaults: ``MockConfig()``).
+
+    Hung requests are released (their connection closed) when the app shuts down. Run it
+    with ``handler_cancellation=True`` (as :class:`MockServer` does) so a client giving up
+    also ends its handler and ``in_flight`` stays accurate.
+    """
+    state = _MockState(config if config is not None else MockConfig())
+    app = web.Application(middlewares=[openai_errors], client_max_size=_CLIENT_MAX_SIZE)
+    app[_STATE_KEY] = state
+    app.router.add_post("/v1/chat/completions", state.chat)
+    app.router.add_get("/v1/models", state.models)
+    app.router.add_get("/stats", state.stats_view)
+    app.router.add_post("/stats/reset", state.stats_reset)
+    app.on_shutdown.append(state.on_shutdown)
+    return app
+
+
+class MockServer:
+    """Async context manager running :func:`create_app` on ``host:port`` (0 = free port).
+
+    ``url`` (base URL ending in ``/v1``) is valid inside the ``async with`` block; ``stats``
+    is the live :class:`MockStats`. Exit closes hung connections and waits at most
+    ~0.5 s for other in-flight handlers before cancelling them.
+    """
+
+    def __init__(
+        self, config: MockConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.config = config if config is not None else MockConfig()
+        self.app = create_app(self.config)
+        self._state = self.app[_STATE_KEY]
+        self.stats: MockStats = self._state.stats
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL ending in ``/v1``, e.g. ``http://127.0.0.1:43125/v1``."""
+        if self._url is None:
+            raise RuntimeError("MockServer is not running (use `async with MockServer()`)")
+        return self._url
+
+    def reset(self) -> None:
+        """Zero the stats and forget ``fail=K`` attempt counts (same as ``POST /stats/reset``)."""
+        self._state.reset()
+
+    async def start(self) -> None:
+        """Bind and start serving; sets ``url``."""
+        runner = web.AppRunner(
+            self.app,
+            access_log=None,  # thousands of req/s in benchmarks: no per-request logging
+            handler_cancellation=True,
+            logger=_HTTP_LOGGER,
+            shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self._url = f"http://{host}:{site.port}/v1"
+
+    async def stop(self) -> None:
+        """Stop serving; idempotent."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve_forever(config: MockConfig, *, host: str, port: int) -> None:
+    """Run the mock on ``host:port`` until cancelled; logs the base URL at INFO."""
+    async with MockServer(config, host=host, port=port) as server:
+        logger.info("mock LLM upstream listening on %s", server.url)
+        await asyncio.Event().wait()
