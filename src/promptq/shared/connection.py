@@ -46,7 +46,7 @@ async def connect(url: str, *, wait_s: float = 10.0, max_connections: int = 64) 
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    client = ArqRedis(pool, **_CLIENT_KW)
+    client = _owning(ArqRedis(pool, **_CLIENT_KW))
     deadline = time.monotonic() + wait_s
     delay = 0.1
     while True:
@@ -79,7 +79,18 @@ class EmbeddedRedis:
         self.server = FakeServer()
 
     def client(self) -> ArqRedis:
-        from fakeredis.aioredis import FakeConnection
+        try:
+            from fakeredis import FakeAsyncRedisConnection as connection_class
+        except ImportError:  # fakeredis < 2.30
+            from fakeredis.aioredis import (  # type: ignore[assignment]
+                FakeConnection as connection_class,
+            )
 
-        pool = ConnectionPool(connection_class=FakeConnection, server=self.server)  # type: ignore[arg-type]
-        return ArqRedis(pool, **_CLIENT_KW)
+        pool = ConnectionPool(connection_class=connection_class, server=self.server)
+        return _owning(ArqRedis(pool, **_CLIENT_KW))
+
+
+def _owning(client: ArqRedis) -> ArqRedis:
+    # The client owns its pool: aclose() closes the connections too (what from_url does).
+    client.auto_close_connection_pool = True
+    return client

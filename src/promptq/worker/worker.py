@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from typing import Any, ClassVar
 
 from arq import Worker
@@ -150,6 +151,20 @@ class PromptqWorker(Worker):
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+
+    async def close(self) -> None:
+        """arq's close, but tolerant of cancelled job tasks and with redis-py 5's aclose()."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        with contextlib.suppress(Exception):  # Redis may be gone already
+            await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose()
+        self._pool = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # One ticket claims every free slot, so starting many at once only makes the
