@@ -7,9 +7,9 @@ import pickle
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
+from pydantic import SecretStr
 
 from promptq.embedded import local_cluster
 from promptq.shared import keys

@@ -15,7 +15,7 @@ def test_percentile_interpolates_like_numpy() -> None:
     assert percentile(values, 90) == pytest.approx(3.7)
     assert percentile(values, 100) == 4.0
     assert percentile([], 50) == 0.0
-    with pytest.raises(ValueError, match="0..100"):
+    with pytest.raises(ValueError, match=r"0\.\.100"):
         percentile(values, 101)
 
 

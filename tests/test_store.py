@@ -29,13 +29,21 @@ B = "b1"
 
 async def make_batch(r: ArqRedis, ids: list[str], *, publish: bool = True) -> Scripts:
     s = Scripts(r)
-    assert await s.create(keys=[keys.batch(B), keys.requests(B), keys.pending(B)],
-                          args=["total", len(ids), "endpoint", "/v1/chat/completions"]) == b""  # fmt: skip
-    await r.hset(keys.requests(B), mapping={i: orjson.dumps({"custom_id": i, "body": {}}) for i in ids})
+    assert (
+        await s.create(
+            keys=[keys.batch(B), keys.requests(B), keys.pending(B)],
+            args=["total", len(ids), "endpoint", "/v1/chat/completions"],
+        )
+        == b""
+    )
+    await r.hset(
+        keys.requests(B), mapping={i: orjson.dumps({"custom_id": i, "body": {}}) for i in ids}
+    )
     await r.rpush(keys.pending(B), *ids)
     if publish:
-        flipped, _ = await s.publish(keys=[keys.batch(B), keys.pending(B), keys.BATCHES],
-                                     args=[B, len(ids)])  # fmt: skip
+        flipped, _ = await s.publish(
+            keys=[keys.batch(B), keys.pending(B), keys.BATCHES], args=[B, len(ids)]
+        )
         assert flipped == 1
     return s
 
@@ -51,19 +59,24 @@ def record_keys() -> list[str]:
 async def test_create_refuses_taken_ids_but_restarts_abandoned_ones(store: ArqRedis) -> None:
     s = await make_batch(store, ["a"], publish=False)
     # still 'validating' (its producer died): a new submit may take the id over
-    assert await s.create(keys=[keys.batch(B), keys.requests(B), keys.pending(B)],
-                          args=["total", 1]) == b""  # fmt: skip
+    assert (
+        await s.create(keys=[keys.batch(B), keys.requests(B), keys.pending(B)], args=["total", 1])
+        == b""
+    )
     assert await store.llen(keys.pending(B)) == 0
     await store.flushdb()
     s = await make_batch(store, ["a"])
-    assert await s.create(keys=[keys.batch(B), keys.requests(B), keys.pending(B)],
-                          args=["total", 1]) == b"queued"  # fmt: skip
+    assert (
+        await s.create(keys=[keys.batch(B), keys.requests(B), keys.pending(B)], args=["total", 1])
+        == b"queued"
+    )
 
 
 async def test_publish_refuses_an_incomplete_batch(store: ArqRedis) -> None:
     s = await make_batch(store, ["a", "b"], publish=False)
-    flipped, detail = await s.publish(keys=[keys.batch(B), keys.pending(B), keys.BATCHES],
-                                      args=[B, 3])  # fmt: skip
+    flipped, detail = await s.publish(
+        keys=[keys.batch(B), keys.pending(B), keys.BATCHES], args=[B, 3]
+    )
     assert (flipped, detail) == (0, b"incomplete:2")
     assert await store.hget(keys.batch(B), "status") == b"validating"
     assert await store.zcard(keys.BATCHES) == 0
@@ -122,7 +135,8 @@ async def test_release_hands_unfinished_requests_back(store: ArqRedis) -> None:
     s = await make_batch(store, ["a", "b", "c"])
     await s.claim(keys=claim_keys(), args=[2, "w1"])
     await s.record(keys=record_keys(), args=[1, "a", b"{}", 1, 0])
-    released = await s.release(keys=[keys.pending(B), keys.inflight(B), keys.results(B)],
-                               args=["a", "b"])  # fmt: skip
+    released = await s.release(
+        keys=[keys.pending(B), keys.inflight(B), keys.results(B)], args=["a", "b"]
+    )
     assert released == 1  # "a" already has its result
     assert await store.lrange(keys.pending(B), 0, -1) == [b"b", b"c"]

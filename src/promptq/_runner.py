@@ -196,7 +196,7 @@ async def watch_batch(settings: Settings, batch_id: str) -> None:
 
 
 async def list_workers(settings: Settings) -> list[dict[str, Any]]:
-    redis = await connect(settings.redis_url_or_default)
+    redis = await connect(settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s)
     try:
         since = time.time() - 3 * settings.heartbeat_s
         await redis.zremrangebyscore(keys.WORKERS, "-inf", since - 3600)  # long gone

@@ -31,7 +31,7 @@ async def local_cluster(settings: Settings, *, workers: int = 1) -> AsyncIterato
     async def client() -> ArqRedis:
         if embedded is not None:
             return embedded.client()
-        return await connect(settings.redis_url_or_default)
+        return await connect(settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s)
 
     running: list[tuple[PromptqWorker, asyncio.Task[None]]] = []
     producer_redis = await client()

@@ -86,7 +86,7 @@ class Producer:
 
     async def __aenter__(self) -> Producer:
         if self._url is not None and not hasattr(self, "redis"):
-            self.redis = await connect(self._url)
+            self.redis = await connect(self._url, wait_s=self.settings.redis_connect_wait_s)
             self.scripts = Scripts(self.redis)
         return self
 

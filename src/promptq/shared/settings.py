@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     max_file_bytes: PositiveInt = 200 * 1024 * 1024
     max_lines: PositiveInt = 50_000
     heartbeat_s: float = Field(default=2.0, gt=0)
+    redis_connect_wait_s: float = Field(
+        default=5.0, ge=0, description="how long to retry an unreachable Redis before giving up"
+    )
 
     @field_validator("redis_url")
     @classmethod

@@ -127,7 +127,7 @@ class PromptqWorker(Worker):
     async def main(self) -> None:
         if self._pool is None:
             url = self.settings.redis_url_or_default
-            self._pool = await connect(url)
+            self._pool = await connect(url, wait_s=self.settings.redis_connect_wait_s)
             logger.info("connected to Redis at %s", redact_url(url))
         self.ctx["redis"] = self.pool
         if self.on_startup:

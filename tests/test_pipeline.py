@@ -1,0 +1,153 @@
+"""The pipeline with in-process workers on the real Redis: results, stats, lifecycle."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from arq.connections import ArqRedis
+
+import promptq.embedded
+import promptq.shared.connection
+from promptq import BatchExists, InputError, Producer, Status
+from promptq.embedded import local_cluster
+from promptq.mock import MockConfig, MockServer, expected_content
+from promptq.shared import keys
+from promptq.shared.settings import Settings
+
+
+async def test_results_stream_once_each_and_match_their_requests(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    prompts = [{"custom_id": f"q{i}", "prompt": f"question {i}"} for i in range(60)]
+    async with local_cluster(settings, workers=2) as producer:
+        batch = await producer.submit(prompts)
+        seen = [r async for r in batch.as_completed()]
+        stats = await batch.wait(timeout_s=30)
+        info = await batch.info()
+    assert sorted(r.custom_id for r in seen) == sorted(p["custom_id"] for p in prompts)
+    for r in seen:
+        body = {"messages": [{"role": "user", "content": f"question {r.custom_id[1:]}"}]}
+        assert r.content == expected_content(body)
+        assert r.attempts == 1
+        assert r.latency_ms is not None
+    assert info.status is Status.COMPLETED
+    assert (info.total, info.succeeded, info.failed) == (60, 60, 0)
+    assert info.created_at is not None
+    assert info.completed_at is not None
+    assert info.completed_at >= info.created_at
+    assert (stats.succeeded, stats.failed, stats.success_rate) == (60, 0, 1.0)
+    latencies = sorted(r.latency_ms or 0 for r in seen)
+    assert latencies[0] <= stats.p50_ms <= stats.p99_ms <= stats.max_ms == latencies[-1]
+    assert stats.throughput_rps == pytest.approx(60 / stats.wall_s, rel=0.01)
+    assert stats.input_tokens > 0
+    assert stats.output_tokens > 0
+
+
+async def test_retries_recover_and_fatal_errors_fail_fast(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    items = [
+        {"custom_id": "ok", "prompt": "fine"},
+        {"custom_id": "flaky", "prompt": "x [[mock status=500 fail=2]]"},
+        {"custom_id": "limited", "prompt": "y [[mock status=429 fail=1 retry_after_ms=50]]"},
+        {"custom_id": "bad", "prompt": "z [[mock status=400]]"},
+        {"custom_id": "broke", "prompt": "w [[mock quota=1]]"},
+    ]
+    async with local_cluster(settings, workers=1) as producer:
+        batch = await producer.submit(items)
+        stats = await batch.wait(timeout_s=30)
+        results = {r.custom_id: r async for r in batch.results()}
+    assert (results["flaky"].ok, results["flaky"].attempts) == (True, 3)
+    assert (results["limited"].ok, results["limited"].attempts) == (True, 2)
+    bad = results["bad"]
+    assert bad.error is not None
+    assert bad.response is not None
+    assert (bad.attempts, bad.response.status_code) == (1, 400)
+    assert results["broke"].error is not None
+    assert results["broke"].error.code == "insufficient_quota"
+    assert results["broke"].attempts == 1
+    assert stats.errors_by_code == {bad.error.code: 1, "insufficient_quota": 1}
+    raw = await redis.hgetall(keys.batch(batch.id))
+    assert raw[b"retries"] == b"3"
+    assert (raw[b"succeeded"], raw[b"failed"]) == (b"3", b"2")
+
+
+async def test_concurrency_bounds_in_flight_requests_across_jobs(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    async with MockServer(MockConfig(latency_ms=40)) as slow:
+        limited = settings.model_copy(update={"upstream_url": slow.url, "concurrency": 4})
+        async with local_cluster(limited, workers=1) as producer:
+            batches = [await producer.submit([f"{b}-{i}" for i in range(20)]) for b in "abc"]
+            for batch in batches:
+                await batch.wait(timeout_s=30)
+        assert slow.stats.max_in_flight == 4
+        assert slow.stats.requests == 60
+
+
+async def test_wakeups_start_work_without_waiting_for_the_poll(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    lazy = settings.model_copy(update={"poll_delay_s": 30.0})
+    async with local_cluster(lazy, workers=1) as producer:
+        for _ in range(3):
+            start = time.monotonic()
+            await (await producer.submit(["ping"])).wait(timeout_s=20)
+            assert time.monotonic() - start < 5.0  # a 30 s poll would blow this
+
+
+async def test_a_taken_batch_id_is_refused(redis: ArqRedis, settings: Settings) -> None:
+    async with local_cluster(settings, workers=1) as producer:
+        await (await producer.submit(["a"], batch_id="same")).wait(timeout_s=20)
+        with pytest.raises(BatchExists, match="already exists"):
+            await producer.submit(["b"], batch_id="same")
+        with pytest.raises(InputError, match="batch_id"):
+            await producer.submit(["b"], batch_id="bad id with {braces}")
+
+
+async def test_a_producer_dying_midway_leaves_nothing_runnable(
+    redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def crash(self: Producer, total: int) -> int:
+        raise ConnectionError("producer died")
+
+    producer = Producer(redis, settings=settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(Producer, "_ticket_count", crash)
+        with pytest.raises(ConnectionError):
+            await producer.submit([f"p{i}" for i in range(10)], batch_id="half")
+    assert await redis.hget(keys.batch("half"), "status") == b"validating"
+    assert await redis.zcard(keys.QUEUE) == 0
+    assert await redis.zcard(keys.BATCHES) == 0
+    # submitting again under the same id starts over and runs to completion
+    async with local_cluster(settings, workers=1) as cluster:
+        stats = await (await cluster.submit([f"p{i}" for i in range(10)], batch_id="half")).wait(
+            timeout_s=20
+        )
+    assert stats.succeeded == 10
+
+
+async def test_workers_publish_heartbeats(redis: ArqRedis, settings: Settings) -> None:
+    async with local_cluster(settings, workers=2):
+        ids = [x.decode() for x in await redis.zrange(keys.WORKERS, 0, -1)]
+        assert len(ids) == 2
+        beat = await redis.hgetall(keys.worker(ids[0]))
+        assert {b"host", b"pid", b"in_flight", b"done", b"failed"} <= set(beat)
+        assert 0 < await redis.ttl(keys.worker(ids[0])) <= 5
+    assert await redis.zcard(keys.WORKERS) == 0  # removed on clean shutdown
+
+
+async def test_embedded_mode_needs_no_redis_server(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def no_server(*args: object, **kwargs: object) -> None:
+        raise AssertionError("embedded mode must not connect to any Redis server")
+
+    monkeypatch.setattr(promptq.shared.connection, "connect", no_server)
+    monkeypatch.setattr(promptq.embedded, "connect", no_server)
+    embedded = settings.model_copy(update={"redis_url": None})
+    async with local_cluster(embedded, workers=2) as producer:
+        batch = await producer.submit([f"e{i}" for i in range(30)])
+        stats = await batch.wait(timeout_s=30)
+    assert stats.succeeded == 30
