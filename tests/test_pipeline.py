@@ -151,3 +151,22 @@ async def test_embedded_mode_needs_no_redis_server(
         batch = await producer.submit([f"e{i}" for i in range(30)])
         stats = await batch.wait(timeout_s=30)
     assert stats.succeeded == 30
+
+
+async def test_aggregator_enqueue_survives_a_redis_blip(
+    redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = ArqRedis.enqueue_job
+    failures = []
+
+    async def flaky(self: ArqRedis, function: str, *args: object, **kwargs: object) -> object:
+        if function == "aggregate" and not failures:
+            failures.append(function)
+            raise ConnectionError("Redis restarting")
+        return await original(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(ArqRedis, "enqueue_job", flaky)
+    async with local_cluster(settings, workers=1) as producer:
+        stats = await (await producer.submit(["a", "b"])).wait(timeout_s=20)
+    assert failures == ["aggregate"]
+    assert stats.succeeded == 2

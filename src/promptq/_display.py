@@ -75,7 +75,8 @@ def _ts(value: float | None) -> str:
 
 
 def batch_table(info: BatchInfo) -> Table:
-    table = Table(title=f"batch {info.id}", show_header=False, title_justify="left")
+    title = f"batch {info.id}"
+    table = Table(title=title, show_header=False, title_justify="left", min_width=len(title) + 2)
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("status", info.status.value + (f" ({info.reason})" if info.reason else ""))
@@ -91,7 +92,7 @@ def batch_table(info: BatchInfo) -> Table:
 
 
 def stats_table(stats: BatchStats, *, title: str = "Statistics") -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", min_width=len(title) + 2)
     table.add_column("metric", style="bold")
     table.add_column("value", justify="right")
     finished = stats.succeeded + stats.failed

@@ -140,6 +140,20 @@ async def worker_processes(settings: Settings, count: int) -> AsyncIterator[None
                 await proc.wait()
 
 
+async def _wait_for_workers(producer: Producer, settings: Settings, count: int) -> None:
+    """Wait until ``count`` more workers beat (so the batch's tickets go to all of them)."""
+    deadline = time.monotonic() + 30
+    with display.err_console.status(f"starting {count} worker process(es)..."):
+        while time.monotonic() < deadline:
+            live = await producer.redis.zcount(
+                keys.WORKERS, time.time() - 3 * settings.heartbeat_s, "+inf"
+            )
+            if int(live) >= count:
+                return
+            await asyncio.sleep(0.05)
+    logger.warning("workers did not report within 30 s; enqueueing anyway")
+
+
 async def run_batch(
     settings: Settings,
     *,
@@ -164,6 +178,7 @@ async def run_batch(
             )
             if workers > 0:
                 await stack.enter_async_context(worker_processes(settings, workers))
+                await _wait_for_workers(producer, settings, workers)
             mode = f"Redis {redact_url(settings.redis_url)}, {workers} local worker process(es)"
         batch = await producer.submit(parsed, batch_id=batch_id)
         display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")

@@ -197,12 +197,29 @@ class Dispatcher:
                 continue
             delay = 0.05
             if int(final):
-                logger.info("batch %s: last request done, enqueueing the aggregator", batch_id)
+                await self._enqueue_aggregate(batch_id)
+        self._flushed.set()
+
+    async def _enqueue_aggregate(self, batch_id: str) -> None:
+        # Only this worker saw the batch become final: keep trying until the job is in.
+        logger.info("batch %s: last request done, enqueueing the aggregator", batch_id)
+        delay = 0.05
+        while True:
+            try:
                 await self.redis.enqueue_job(
                     "aggregate", batch_id, _job_id=keys.aggregate_job_id(batch_id)
                 )
                 await self.redis.publish(keys.WAKEUP_CHANNEL, b"1")
-        self._flushed.set()
+                return
+            except Exception as exc:
+                logger.warning(
+                    "could not enqueue the aggregator of %s (%s); retrying in %.1fs",
+                    batch_id,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # -- lifecycle ------------------------------------------------------------------
 
