@@ -135,6 +135,9 @@ async def test_submit_status_results_workers_against_redis(
     assert sorted(r["custom_id"] for r in read_jsonl(out)) == sorted(f"s{i}" for i in range(30))
     code, stdout, _ = await cli("workers", "--json", env=env)
     assert len(orjson.loads(stdout)) == 1
+    code, _, stderr = await cli("cancel", "cli-batch", env=env)  # finished: nothing changes
+    assert code == 0
+    assert "completed" in stderr
     # a second submit: --follow streams results as they complete
     code, batch_id, _ = await cli("submit", str(src), env=env)
     assert re.fullmatch(r"batch_[0-9a-f]{32}\n", batch_id)
@@ -146,9 +149,10 @@ async def test_submit_status_results_workers_against_redis(
 async def test_unknown_batch_and_unreachable_redis_are_clear_errors(
     redis: ArqRedis, settings: Settings
 ) -> None:
-    code, _, stderr = await cli("status", "nope", env=worker_env(settings))
-    assert code == 2
-    assert "no batch 'nope'" in stderr
+    for command in ("status", "cancel", "watch"):
+        code, _, stderr = await cli(command, "nope", env=worker_env(settings))
+        assert code == 2
+        assert "no batch 'nope'" in stderr
     env = worker_env(settings) | {
         "PROMPTQ_REDIS_URL": "redis://user:hunter2@127.0.0.1:1/0",
         "PROMPTQ_REDIS_CONNECT_WAIT_S": "0.2",

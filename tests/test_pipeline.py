@@ -15,6 +15,8 @@ from promptq.mock import MockConfig, MockServer, expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
+from .conftest import wait_until
+
 
 async def test_results_stream_once_each_and_match_their_requests(
     redis: ArqRedis, settings: Settings
@@ -170,3 +172,35 @@ async def test_aggregator_enqueue_survives_a_redis_blip(
         stats = await (await producer.submit(["a", "b"])).wait(timeout_s=20)
     assert failures == ["aggregate"]
     assert stats.succeeded == 2
+
+
+async def test_cancel_stops_dispatch_keeps_results_and_accounts_for_every_request(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    async with MockServer(MockConfig(latency_ms=200)) as slow:
+        limited = settings.model_copy(update={"upstream_url": slow.url, "concurrency": 5})
+        async with local_cluster(limited, workers=1) as producer:
+            batch = await producer.submit([f"c{i}" for i in range(100)])
+
+            async def some_done() -> bool:
+                return (await batch.info()).succeeded >= 5
+
+            await wait_until(some_done, what="first results")
+            info = await batch.cancel()
+            assert info.status in (Status.CANCELLING, Status.FINALIZING, Status.CANCELLED)
+            sent_at_cancel = slow.stats.requests
+            stats = await batch.wait(timeout_s=20)
+            info = await batch.info()
+            results = [r async for r in batch.results()]
+            # cancelling again, or a finished batch, changes nothing
+            assert (await batch.cancel()).status is Status.CANCELLED
+        assert info.status is Status.CANCELLED
+        assert len(results) == 100  # one result per request, cancelled ones included
+        cancelled = [r for r in results if r.error and r.error.code == "batch_cancelled"]
+        sent = [r for r in results if r.attempts > 0]
+        assert len(cancelled) + len(sent) == 100
+        assert all(r.attempts == 0 and r.response is None for r in cancelled)
+        assert all(r.ok for r in sent)  # in-flight requests were allowed to finish
+        assert slow.stats.requests == len(sent) <= sent_at_cancel + 5
+        assert stats.errors_by_code == {"batch_cancelled": len(cancelled)}
+        assert info.cancelling_at is not None

@@ -334,6 +334,30 @@ def results(
 
 
 @main.command()
+@click.argument("batch_id")
+@click.pass_context
+def cancel(ctx: click.Context, batch_id: str) -> None:
+    """Stop a batch: queued requests are not sent, finished results are kept.
+
+    Requests already in flight finish; the ones never sent get a result with error
+    code batch_cancelled. The status goes cancelling, then cancelled.
+    """
+    from promptq.producer import Producer
+
+    settings = _settings(ctx)
+
+    async def go() -> None:
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            info = await p.batch(batch_id).cancel()
+        display.err_console.print(
+            f"batch {batch_id}: {info.status.value}; {info.succeeded:,} succeeded, "
+            f"{info.failed:,} failed or cancelled of {info.total:,}"
+        )
+
+    _run_async(go)()
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.pass_context
 def workers(ctx: click.Context, as_json: bool) -> None:

@@ -31,6 +31,8 @@ from promptq.shared.settings import Settings
 
 #: requests written per pipeline round trip while enqueueing
 WRITE_CHUNK = 2000
+#: never-sent requests marked cancelled per script call (keeps each Redis call short)
+CANCEL_CHUNK = 1000
 #: at most this many claim tickets circulate per batch (see worker.dispatcher)
 MAX_TICKETS = 16
 #: a ticket not started within this time is dropped by arq (the batch is long dead)
@@ -302,6 +304,35 @@ class Batch:
         """Like ``results`` but the stored JSON lines, unparsed (fast export)."""
         async for _cid, value in self._redis.hscan_iter(keys.results(self.id), count=1000):
             yield value
+
+    async def cancel(self) -> BatchInfo:
+        """Stop the batch: requests not yet sent end with ``batch_cancelled``, requests in
+        flight finish, results are kept. Status goes cancelling -> cancelled.
+
+        Workers stop dispatching at their next claim (claims check the status), so no
+        new request of the batch is sent after this returns. Cancelling a finished batch
+        changes nothing. Returns the batch's state after the call.
+        """
+        while True:
+            status, remaining, final = await self.producer.scripts.cancel(
+                keys=[
+                    keys.batch(self.id),
+                    keys.pending(self.id),
+                    keys.results(self.id),
+                    keys.events(self.id),
+                    keys.inflight(self.id),
+                ],
+                args=[CANCEL_CHUNK, "the batch was cancelled before this request was sent"],
+            )
+            if not decode(status):
+                raise BatchNotFound(self.id)
+            if int(final):
+                await self._redis.enqueue_job(
+                    "aggregate", self.id, _job_id=keys.aggregate_job_id(self.id)
+                )
+                await self._redis.publish(keys.WAKEUP_CHANNEL, b"1")
+            if int(remaining) == 0:
+                return await self.info()
 
     async def wait(self, *, timeout_s: float | None = None) -> BatchStats:
         """Wait until the batch ends; return the aggregator's stats.

@@ -144,6 +144,7 @@ class BatchInfo(BaseModel):
     created_at: float | None = None
     in_progress_at: float | None = None
     finalizing_at: float | None = None
+    cancelling_at: float | None = None
     completed_at: float | None = None
     last_result_at: float | None = None
     model: str | None = None

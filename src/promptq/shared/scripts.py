@@ -147,6 +147,47 @@ return n
 """
 
 
+# KEYS: batch, pending, results, events, inflight. ARGV: max count, message.
+# Cancels a batch: status 'cancelling', then up to N never-sent requests get a
+# 'batch_cancelled' result (call again while it returns more). In-flight requests
+# finish normally. Returns {status, remaining_pending, became_final 1|0}.
+CANCEL = (
+    _NOW
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'', 0, 0} end
+if status == 'queued' or status == 'in_progress' or status == 'validating' then
+  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', now)
+  status = 'cancelling'
+end
+if status ~= 'cancelling' then return {status, 0, 0} end
+local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[1]))
+local added = 0
+if ids then
+  for _, cid in ipairs(ids) do
+    local line = cjson.encode({id = 'batch_req_cancelled_' .. cid, custom_id = cid,
+      response = cjson.null, error = {code = 'batch_cancelled', message = ARGV[2]},
+      latency_ms = cjson.null, attempts = 0})
+    if redis.call('HSETNX', KEYS[3], cid, line) == 1 then
+      added = added + 1
+      redis.call('XADD', KEYS[4], '*', 'c', cid)
+    end
+  end
+end
+local f = redis.call('HINCRBY', KEYS[1], 'failed', added)
+local remaining = redis.call('LLEN', KEYS[2])
+local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
+local s = tonumber(redis.call('HGET', KEYS[1], 'succeeded') or '0')
+if remaining == 0 and s + f >= total then
+  redis.call('HSET', KEYS[1], 'finalizing_from', 'cancelling', 'status', 'finalizing',
+             'finalizing_at', now)
+  return {'finalizing', 0, 1}
+end
+return {status, remaining, 0}
+"""
+)
+
+
 class Scripts:
     """The scripts registered on one Redis client (EVALSHA with EVAL fallback)."""
 
@@ -157,6 +198,7 @@ class Scripts:
         self.record = redis.register_script(RECORD)
         self.finish = redis.register_script(FINISH)
         self.release = redis.register_script(RELEASE)
+        self.cancel = redis.register_script(CANCEL)
 
 
 def decode(value: Any) -> str:
