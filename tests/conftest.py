@@ -167,6 +167,17 @@ class WorkerProcs:
 
         await wait_until(live, timeout_s=20, what=f"{count} worker heartbeat(s)")
 
+    def kill(self, index: int) -> None:
+        """SIGKILL: no shutdown hook runs, as in a crash or an OOM kill."""
+        self.procs[index].kill()
+        self.procs[index].wait()
+
+    async def terminate(self, index: int, *, timeout_s: float = 30) -> int:
+        """SIGTERM and wait (without blocking the loop the mock runs on): the graceful
+        path of a deploy. Returns the exit code."""
+        self.procs[index].send_signal(signal.SIGTERM)
+        return await asyncio.to_thread(self.procs[index].wait, timeout_s)
+
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 

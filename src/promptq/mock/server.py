@@ -371,7 +371,9 @@ class MockServer:
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._host, self._port)
+        # A deep accept queue: benchmarks open hundreds of connections at once, and the
+        # default backlog (128) drops some, which shows up as seconds-late requests.
+        site = web.TCPSite(runner, self._host, self._port, backlog=4096)
         try:
             await site.start()
         except BaseException:

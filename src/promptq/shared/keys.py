@@ -81,6 +81,40 @@ def worker(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+def worker_batches(worker_id: str) -> str:
+    """Set: batches a worker has claimed requests from (for recovery if it dies)."""
+    return f"{worker(worker_id)}:batches"
+
+
+#: Hash: latency histogram of finished requests, fields = bucket upper bounds in ms
+#: (non-cumulative counts) plus ``sum`` (ms) and ``count``; read by /metrics.
+METRICS_LATENCY = f"{PREFIX}:metrics:latency_ms"
+LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+
+
 def aggregate_job_id(batch_id: str) -> str:
     """arq job id of a batch's aggregator job: fixed, so arq refuses a second copy."""
     return f"promptq-aggregate-{batch_id}"
+
+
+# -- the HTTP API (`promptq serve`) -------------------------------------------------------
+
+#: Ids of files uploaded over HTTP (``file-`` + 32 hex digits), safe inside a hash tag.
+FILE_ID_RE = re.compile(r"^file-[0-9a-f]{32}$")
+
+
+def file(file_id: str) -> str:
+    """Hash with a TTL: an uploaded file's metadata (filename, bytes, lines, purpose,
+    created_at, expires_at)."""
+    return f"{PREFIX}:file:{{{file_id}}}"
+
+
+def file_content(file_id: str) -> str:
+    """String with a TTL: an uploaded file's bytes."""
+    return f"{file(file_id)}:content"
+
+
+def batch_api(batch_id: str) -> str:
+    """Hash: what a batch created over HTTP was created with (input_file_id,
+    completion_window, metadata JSON, created_at, validate_by)."""
+    return f"{batch(batch_id)}:api"

@@ -188,6 +188,26 @@ return {status, remaining, 0}
 )
 
 
+# KEYS: batch, pending, inflight, results. ARGV: dead worker id.
+# Recovery: requests a dead worker had claimed (and that have no result) go back to the
+# front of pending. Returns {requeued, status}.
+REQUEUE_DEAD = """
+local entries = redis.call('HGETALL', KEYS[3])
+local n = 0
+for i = 1, #entries, 2 do
+  local cid, owner = entries[i], entries[i + 1]
+  if owner == ARGV[1] then
+    redis.call('HDEL', KEYS[3], cid)
+    if redis.call('HEXISTS', KEYS[4], cid) == 0 then
+      redis.call('LPUSH', KEYS[2], cid)
+      n = n + 1
+    end
+  end
+end
+return {n, redis.call('HGET', KEYS[1], 'status') or ''}
+"""
+
+
 class Scripts:
     """The scripts registered on one Redis client (EVALSHA with EVAL fallback)."""
 
@@ -199,6 +219,7 @@ class Scripts:
         self.finish = redis.register_script(FINISH)
         self.release = redis.register_script(RELEASE)
         self.cancel = redis.register_script(CANCEL)
+        self.requeue_dead = redis.register_script(REQUEUE_DEAD)
 
 
 def decode(value: Any) -> str:

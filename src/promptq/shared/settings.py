@@ -55,8 +55,31 @@ class Settings(BaseSettings):
     max_file_bytes: PositiveInt = 200 * 1024 * 1024
     max_lines: PositiveInt = 50_000
     heartbeat_s: float = Field(default=2.0, gt=0)
+    shutdown_grace_s: float = Field(
+        default=10.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
+    )
     redis_connect_wait_s: float = Field(
         default=5.0, ge=0, description="how long to retry an unreachable Redis before giving up"
+    )
+    # `promptq serve` (the HTTP API):
+    api_host: str = Field(default="127.0.0.1", description="interface `promptq serve` binds")
+    api_port: int = Field(default=8000, ge=0, le=65535, description="port of `promptq serve`")
+    api_file_ttl_s: PositiveInt = Field(
+        default=7 * 24 * 3600, description="how long a file uploaded over HTTP stays in Redis"
+    )
+    api_chat_timeout_s: float = Field(
+        default=600.0, gt=0, description="how long POST /v1/chat/completions waits for a result"
+    )
+    api_validation_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a batch still 'validating' after this long is marked failed "
+        "(the API replica validating it stopped)",
+    )
+    api_redis_connections: PositiveInt = Field(
+        default=1024,
+        description="Redis connections per API process (each waiting chat request or "
+        "results follower holds one)",
     )
 
     @field_validator("redis_url")

@@ -10,6 +10,12 @@ mid-batch join in, and a worker never holds more requests than it can send.
 Results are buffered and written in groups (one Lua call per batch per flush): while one
 flush is on the wire the next group fills, so a busy worker makes few round trips and
 an idle one adds no delay.
+
+Recovery: every claimed request is marked with the claiming worker's id in the batch's
+``:inflight`` hash, and each worker lists the batches it claimed from. A worker whose
+heartbeat key has expired is dead; the next live worker's heartbeat loop puts its
+unfinished requests back at the front of their batches' queues. Results are recorded
+with HSETNX, so a request that a stalled (not dead) worker also finishes counts once.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +91,9 @@ class Dispatcher:
         self._flushed.set()
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._batches_seen: set[str] = set()
+        self._latency_counts: Counter[str] = Counter()
+        self._latency_sum_ms = 0.0
 
     # -- capacity -------------------------------------------------------------------
 
@@ -109,6 +119,10 @@ class Dispatcher:
         n = self.free
         remaining = 1
         requests: list[QueuedRequest] = []
+        if batch_id not in self._batches_seen:
+            # before the first claim: a crash right after it must find this batch
+            await self.redis.sadd(keys.worker_batches(self.worker_id), batch_id)  # type: ignore[misc]
+            self._batches_seen.add(batch_id)
         if n > 0 and not self._closing:
             self.claimed += n  # reserve before awaiting so concurrent tickets don't overbook
             try:
@@ -152,6 +166,8 @@ class Dispatcher:
         else:
             self.failed += 1
         self.retries += outcome.attempts - 1
+        self._latency_counts[_bucket(outcome.latency_ms)] += 1
+        self._latency_sum_ms += outcome.latency_ms
         pending = self._buffer.setdefault(batch_id, _Pending())
         pending.args += [
             custom_id,
@@ -198,7 +214,23 @@ class Dispatcher:
             delay = 0.05
             if int(final):
                 await self._enqueue_aggregate(batch_id)
+            await self._flush_metrics()
         self._flushed.set()
+
+    async def _flush_metrics(self) -> None:
+        counts, self._latency_counts = self._latency_counts, Counter()
+        total_ms, self._latency_sum_ms = self._latency_sum_ms, 0.0
+        if not counts:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for bucket, n in counts.items():
+                    pipe.hincrby(keys.METRICS_LATENCY, bucket, n)
+                pipe.hincrby(keys.METRICS_LATENCY, "count", sum(counts.values()))
+                pipe.hincrbyfloat(keys.METRICS_LATENCY, "sum", total_ms)
+                await pipe.execute()
+        except Exception as exc:  # metrics are best effort; results are not
+            logger.debug("could not update latency metrics: %s", exc)
 
     async def _enqueue_aggregate(self, batch_id: str) -> None:
         # Only this worker saw the batch become final: keep trying until the job is in.
@@ -243,7 +275,9 @@ class Dispatcher:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         try:
-            await self.redis.delete(keys.worker(self.worker_id))
+            await self.redis.delete(
+                keys.worker(self.worker_id), keys.worker_batches(self.worker_id)
+            )
             await self.redis.zrem(keys.WORKERS, self.worker_id)
         except Exception as exc:  # Redis gone: the heartbeat expires on its own
             logger.warning("could not remove heartbeat: %s", exc)
@@ -262,19 +296,74 @@ class Dispatcher:
                 args=ids,
             )
             logger.info("handed %s unfinished request(s) of %s back", released, batch_id)
-            raw_endpoint: bytes | None = await self.redis.hget(  # type: ignore[misc]
-                keys.batch(batch_id), "endpoint"
+            status: bytes | None = await self.redis.hget(  # type: ignore[misc]
+                keys.batch(batch_id), "status"
             )
-            endpoint = decode(raw_endpoint or b"")
-            await enqueue_ticket(self.redis, batch_id, endpoint)
+            await self._resume(batch_id, decode(status or b""))
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self._beat()
+                await self.reap_dead_workers()
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
+
+    async def reap_dead_workers(self) -> int:
+        """Give the unfinished requests of workers whose heartbeat expired back to their
+        batches. Any live worker may do it; the script makes it happen once per request.
+        Returns the number of requests handed back."""
+        stale_before = time.time() - self.heartbeat_s * 3
+        total = 0
+        for raw in await self.redis.zrangebyscore(keys.WORKERS, "-inf", stale_before):
+            dead = decode(raw)
+            if dead == self.worker_id or await self.redis.exists(keys.worker(dead)):
+                continue  # alive: its beat is just late, or it is us
+            for raw_batch in await self.redis.smembers(keys.worker_batches(dead)):  # type: ignore[misc]
+                batch_id = decode(raw_batch)
+                n, status = await self.scripts.requeue_dead(
+                    keys=[
+                        keys.batch(batch_id),
+                        keys.pending(batch_id),
+                        keys.inflight(batch_id),
+                        keys.results(batch_id),
+                    ],
+                    args=[dead],
+                )
+                total += int(n)
+                if int(n):
+                    logger.warning(
+                        "worker %s died: handed %s of its request(s) of %s back",
+                        dead,
+                        n,
+                        batch_id,
+                    )
+                    await self._resume(batch_id, decode(status))
+            await self.redis.delete(keys.worker_batches(dead))
+            await self.redis.zrem(keys.WORKERS, dead)
+        return total
+
+    async def _resume(self, batch_id: str, status: str) -> None:
+        """Make sure requests put back in a batch get done (or cancelled)."""
+        if status == "cancelling":
+            _, _, final = await self.scripts.cancel(
+                keys=[
+                    keys.batch(batch_id),
+                    keys.pending(batch_id),
+                    keys.results(batch_id),
+                    keys.events(batch_id),
+                    keys.inflight(batch_id),
+                ],
+                args=[1_000_000, "the batch was cancelled before this request was sent"],
+            )
+            if int(final):
+                await self._enqueue_aggregate(batch_id)
+            return
+        raw_endpoint: bytes | None = await self.redis.hget(  # type: ignore[misc]
+            keys.batch(batch_id), "endpoint"
+        )
+        await enqueue_ticket(self.redis, batch_id, decode(raw_endpoint or b""))
 
     async def _beat(self) -> None:
         now = time.time()
@@ -297,6 +386,7 @@ class Dispatcher:
                 },
             )
             pipe.expire(key, max(int(self.heartbeat_s * 3), 5))
+            pipe.expire(keys.worker_batches(self.worker_id), 7 * 24 * 3600)
             pipe.zadd(keys.WORKERS, {self.worker_id: now})
             await pipe.execute()
 
@@ -327,3 +417,10 @@ def result_line(custom_id: str, outcome: Outcome) -> dict[str, Any]:
         "latency_ms": outcome.latency_ms,
         "attempts": outcome.attempts,
     }
+
+
+def _bucket(latency_ms: float) -> str:
+    for bound in keys.LATENCY_BUCKETS_MS:
+        if latency_ms <= bound:
+            return str(bound)
+    return "+Inf"

@@ -35,9 +35,6 @@ from promptq.worker.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
 
-#: how long in-flight requests may run on shutdown before they are handed back
-SHUTDOWN_GRACE_S = 10.0
-
 
 async def startup(ctx: dict[str, Any]) -> None:
     """arq ``on_startup``: open the upstream session and the dispatcher."""
@@ -79,7 +76,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     """arq ``on_shutdown``: finish or hand back in-flight work, close the session."""
     dispatcher: Dispatcher | None = ctx.get("dispatcher")
     if dispatcher is not None:
-        await dispatcher.close(grace_s=ctx.get("shutdown_grace_s", SHUTDOWN_GRACE_S))
+        settings: Settings = ctx["settings"]
+        await dispatcher.close(grace_s=settings.shutdown_grace_s)
     fetcher: Fetcher | None = ctx.get("fetcher")
     if fetcher is not None:
         await fetcher.__aexit__(None, None, None)
@@ -96,7 +94,9 @@ class WorkerSettings:
     job_deserializer = serialization.job_deserializer
     keep_result = 0  # results live in promptq's own keys
     max_jobs = 32  # tickets finish in milliseconds; this bounds claims in progress
-    job_timeout = 300
+    # arq re-runs a job whose worker died once its lease (job_timeout + 10 s) expires;
+    # tickets take milliseconds and aggregation seconds, so keep that lease short.
+    job_timeout = 60
     max_tries = 5
     poll_delay = 0.5
     health_check_interval = 60
@@ -146,8 +146,11 @@ class PromptqWorker(Worker):
                     self._reap_tasks()
                 if self.burst and await self._burst_finished(dispatcher):
                     return
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
+                # cancellation that arq's SIGTERM handler sends, and the worker keeps going.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), self.poll_delay_s)
+                    async with asyncio.timeout(self.poll_delay_s):
+                        await self._wakeup.wait()
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)

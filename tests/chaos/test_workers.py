@@ -1,0 +1,129 @@
+"""Workers crash, drain and restart mid-batch: nothing is lost, nothing is counted twice.
+
+Real worker processes, the real Redis, the mock upstream with latency so that requests
+are in flight when the fault hits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from arq.connections import ArqRedis
+
+from promptq import Batch, Producer, Status
+from promptq.mock import MockConfig, MockServer
+from promptq.shared import keys
+from promptq.shared.settings import Settings
+
+from ..conftest import WorkerProcs, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def slow_mock() -> AsyncIterator[MockServer]:
+    async with MockServer(MockConfig(latency_ms=300)) as server:
+        yield server
+
+
+def use(settings: Settings, mock: MockServer, procs: WorkerProcs, **update: object) -> Settings:
+    settings = settings.model_copy(update={"upstream_url": mock.url, "concurrency": 10, **update})
+    procs.settings = settings
+    return settings
+
+
+async def in_flight_somewhere(redis: ArqRedis, batch: Batch) -> bool:
+    return int(await redis.hlen(keys.inflight(batch.id))) >= 5
+
+
+async def check_exactly_once(batch: Batch, total: int) -> None:
+    info = await batch.info()
+    results = [r async for r in batch.results()]
+    assert info.status is Status.COMPLETED
+    assert len(results) == total
+    assert len({r.custom_id for r in results}) == total
+    assert all(r.ok for r in results), [r for r in results if not r.ok][:3]
+    # counters count each request once, even if one ran twice
+    assert (info.succeeded, info.failed) == (total, 0)
+    assert info.stats is not None
+    assert info.stats.succeeded == total
+
+
+async def test_sigkill_mid_batch_loses_nothing(
+    redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
+) -> None:
+    settings = use(settings, slow_mock, worker_procs)
+    worker_procs.start(2)
+    await worker_procs.wait_ready(redis, 2)
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
+        batch = await producer.submit([f"k{i}" for i in range(200)])
+        await wait_until(lambda: in_flight_somewhere(redis, batch), what="requests in flight")
+        worker_procs.kill(0)
+        killed_at = time.monotonic()
+
+        async def recovered() -> bool:
+            owners = {v for v in (await redis.hgetall(keys.inflight(batch.id))).values()}
+            return len(owners) <= 1 and (await batch.info()).done > 0
+
+        await wait_until(recovered, timeout_s=30, what="the dead worker's requests handed back")
+        recovery_s = time.monotonic() - killed_at
+        await batch.wait(timeout_s=60)
+        await check_exactly_once(batch, 200)
+    print(f"recovered from SIGKILL in {recovery_s:.1f} s")  # quoted in the README
+    assert recovery_s <= 30
+    assert "died: handed" in worker_procs.log_text()
+
+
+async def test_sigterm_drains_in_flight_requests(
+    redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
+) -> None:
+    settings = use(settings, slow_mock, worker_procs)
+    worker_procs.start(2)
+    await worker_procs.wait_ready(redis, 2)
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
+        batch = await producer.submit([f"t{i}" for i in range(120)])
+        await wait_until(lambda: in_flight_somewhere(redis, batch), what="requests in flight")
+        assert await worker_procs.terminate(0) == 0
+        await batch.wait(timeout_s=60)
+        await check_exactly_once(batch, 120)
+    assert "waiting up to" in worker_procs.log_text()
+    assert "handed" not in worker_procs.log_text()  # 300 ms requests fit the 10 s grace
+    assert int(await redis.zcard(keys.WORKERS)) == 1  # the drained one left cleanly
+
+
+async def test_sigterm_past_the_grace_period_hands_requests_back_without_an_attempt(
+    redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs
+) -> None:
+    async with MockServer(MockConfig(latency_ms=1500)) as very_slow:
+        settings = use(settings, very_slow, worker_procs)
+        worker_procs.start(1, PROMPTQ_SHUTDOWN_GRACE_S="0.2")
+        worker_procs.start(1)
+        await worker_procs.wait_ready(redis, 2)
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            batch = await p.submit([f"h{i}" for i in range(30)])
+            await wait_until(lambda: in_flight_somewhere(redis, batch), what="in flight")
+            assert await worker_procs.terminate(0) == 0
+            await batch.wait(timeout_s=60)
+            await check_exactly_once(batch, 30)
+            results = [r async for r in batch.results()]
+        assert all(r.attempts == 1 for r in results)  # the interrupted send cost nothing
+    assert "handed" in worker_procs.log_text()
+
+
+async def test_rolling_restart_of_every_worker_loses_nothing(
+    redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
+) -> None:
+    settings = use(settings, slow_mock, worker_procs)
+    worker_procs.start(2)
+    await worker_procs.wait_ready(redis, 2)
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
+        batch = await producer.submit([f"r{i}" for i in range(300)])
+        for old in (0, 1):
+            await wait_until(lambda: in_flight_somewhere(redis, batch), what="in flight")
+            assert await worker_procs.terminate(old) == 0
+            worker_procs.start(1)  # its replacement
+            await worker_procs.wait_ready(redis, 2)
+        await batch.wait(timeout_s=90)
+        await check_exactly_once(batch, 300)
