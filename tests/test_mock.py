@@ -406,3 +406,38 @@ async def test_serve_forever_logs_url(caplog: pytest.LogCaptureFixture) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_rpm_limit_enforces_an_even_rate_with_ratelimit_headers() -> None:
+    async with (
+        MockServer(MockConfig(rpm_limit=600)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        statuses = []
+        for i in range(15):  # a burst: the bucket holds one second's worth (10)
+            async with session.post(f"{server.url}/chat/completions", json=chat(f"b{i}")) as r:
+                statuses.append(r.status)
+                if r.status == 429:
+                    assert float(r.headers["retry-after"]) > 0
+                    limited_headers = dict(r.headers)
+                else:
+                    assert r.headers["x-ratelimit-limit-requests"] == "600"
+        assert statuses.count(200) == 10
+        assert statuses.count(429) == 5
+        assert limited_headers["x-ratelimit-remaining-requests"] == "0"
+        assert server.stats.rate_limited == 5
+
+
+async def test_max_concurrency_rejects_requests_beyond_capacity() -> None:
+    async with (
+        MockServer(MockConfig(max_concurrency=3, latency_ms=100)) as server,
+        aiohttp.ClientSession() as session,
+    ):
+
+        async def one(i: int) -> int:
+            async with session.post(f"{server.url}/chat/completions", json=chat(f"c{i}")) as r:
+                return r.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(8)))
+        assert statuses.count(200) == 3
+        assert statuses.count(429) == 5

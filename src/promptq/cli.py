@@ -371,6 +371,50 @@ def workers(ctx: click.Context, as_json: bool) -> None:
         display.out_console.print(display.workers_table(found))
 
 
+@main.command()
+@click.option("--host", help="Interface to bind (PROMPTQ_API_HOST) [default: 127.0.0.1].")
+@click.option("--port", type=int, help="Port (PROMPTQ_API_PORT) [default: 8000].")
+@click.option(
+    "--insecure-no-auth", is_flag=True,
+    help="Serve a non-loopback address without PROMPTQ_API_TOKEN: anyone who reaches the "
+    "port can submit work and read results.",
+)  # fmt: skip
+@click.pass_context
+def serve(ctx: click.Context, host: str | None, port: int | None, insecure_no_auth: bool) -> None:
+    """HTTP API for web apps: the OpenAI Files + Batches API, chat completions through
+    the queue (urgent lane), /healthz and /metrics.
+
+    Point the official openai SDK at http://HOST:PORT/v1 with api_key=$PROMPTQ_API_TOKEN.
+    Without PROMPTQ_API_TOKEN it serves loopback addresses only, unless
+    --insecure-no-auth. Stateless (files live in Redis): run as many as you like behind
+    a load balancer.
+    """
+    from promptq.api import serve as serve_http
+    from promptq.api.auth import is_loopback
+
+    settings = _settings(ctx, api_host=host, api_port=port)
+    token = settings.api_token
+    if token is not None and not token.get_secret_value().strip():
+        _fail("PROMPTQ_API_TOKEN is set but empty; set a token or unset it", EXIT_USAGE)
+    if token is None and not is_loopback(settings.api_host) and not insecure_no_auth:
+        _fail(
+            f"refusing to serve {settings.api_host} without a token: set PROMPTQ_API_TOKEN "
+            "(clients send it as a bearer token), bind 127.0.0.1, or pass --insecure-no-auth",
+            EXIT_USAGE,
+        )
+
+    def ready(url: str) -> None:
+        auth = "bearer token required" if token else "no auth"
+        display.err_console.print(f"promptq serve: {url} ({auth})", highlight=False)
+
+    try:
+        serve_http(settings, host=settings.api_host, port=settings.api_port, on_ready=ready)
+    except RedisUnavailable as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        _fail(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror}", 1)
+
+
 @main.command("mock-llm")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind.")
 @click.option("--port", default=8001, show_default=True, help="Port (0 = any free port).")
@@ -385,6 +429,10 @@ def workers(ctx: click.Context, as_json: bool) -> None:
 )
 @click.option("--drop-rate", default=0.0, show_default=True, help="Fraction whose socket drops.")
 @click.option("--seed", type=int, help="RNG seed for reproducible faults.")
+@click.option(
+    "--rpm-limit", type=int, help="Enforce requests per minute: 429 + x-ratelimit-* headers."
+)
+@click.option("--max-concurrency", type=int, help="429 for requests beyond this many in flight.")
 def mock_llm(host: str, port: int, **options: Any) -> None:
     """Mock OpenAI-compatible upstream (POST /v1/chat/completions, GET /stats).
 

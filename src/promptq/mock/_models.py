@@ -29,6 +29,11 @@ class MockConfig:
         drop_rate: fraction whose connection is closed without a response (default 0).
         seed: RNG seed for reproducible fault injection and jitter (default ``None``).
         model: model reported when the request names none (default ``"mock-gpt"``).
+        rpm_limit: enforce this many requests per minute (a token bucket holding one
+            second's worth): beyond it, 429 ``rate_limit_exceeded`` with ``retry-after``;
+            every answer carries ``x-ratelimit-*-requests`` headers (default ``None``).
+        max_concurrency: answer 429 to requests beyond this many in flight, like a
+            self-hosted server at capacity (default ``None``).
     """
 
     latency_ms: float = 0.0
@@ -41,8 +46,14 @@ class MockConfig:
     drop_rate: float = 0.0
     seed: int | None = None
     model: str = "mock-gpt"
+    rpm_limit: int | None = None
+    max_concurrency: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("rpm_limit", "max_concurrency"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ValueError(f"MockConfig.{name} must be >= 1, got {limit}")
         for name in ("latency_ms", "jitter_ms"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -88,6 +99,7 @@ class MockStats:
     hangs: int = 0
     drops: int = 0
     malformed: int = 0
+    rate_limited: int = 0  # 429s sent by the enforcing modes (rpm_limit, max_concurrency)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy; ``responses_by_status`` keys become strings (as JSON has it)."""
@@ -101,6 +113,7 @@ class MockStats:
             "hangs": self.hangs,
             "drops": self.drops,
             "malformed": self.malformed,
+            "rate_limited": self.rate_limited,
         }
 
     def reset(self) -> None:
@@ -111,3 +124,4 @@ class MockStats:
         self.hangs = 0
         self.drops = 0
         self.malformed = 0
+        self.rate_limited = 0

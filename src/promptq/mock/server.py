@@ -28,6 +28,7 @@ from promptq.mock._directives import (
     expected_content,
     parse_directives,
 )
+from promptq.mock._limits import RequestBucket
 from promptq.mock._models import MockConfig, MockStats
 from promptq.mock._responses import (
     invalid_request,
@@ -88,6 +89,7 @@ class _MockState:
                 total += rate
                 bands.append((total, kind))
         self._bands = tuple(bands)
+        self._bucket = RequestBucket(config.rpm_limit) if config.rpm_limit else None
 
     def reset(self) -> None:
         self.stats.reset()
@@ -137,6 +139,9 @@ class _MockState:
         if isinstance(parsed, web.Response):
             return parsed
         body, messages, model = parsed
+        limited = self._enforce(model)
+        if limited is not None:
+            return limited
         if _MARKER_BYTES in raw:
             try:
                 directives = parse_directives(messages)
@@ -152,7 +157,27 @@ class _MockState:
             for threshold, kind in self._bands:
                 if roll < threshold:
                     return await self._random_fault(request, kind, body, messages, model)
-        return success(success_bytes(body, messages, model))
+        response = success(success_bytes(body, messages, model))
+        if self._bucket is not None:
+            response.headers.update(self._bucket.headers())
+        return response
+
+    def _enforce(self, model: str) -> web.Response | None:
+        """The enforcing modes: a 429 when over capacity or over the RPM limit."""
+        capacity = self.config.max_concurrency
+        if capacity is not None and self.stats.in_flight > capacity:
+            self.stats.rate_limited += 1
+            return status_error(429, model, retry_after=0.1, retry_after_ms=100)
+        if self._bucket is not None:
+            wait_s = self._bucket.take()
+            if wait_s > 0:
+                self.stats.rate_limited += 1
+                response = status_error(
+                    429, model, retry_after=wait_s, retry_after_ms=wait_s * 1000
+                )
+                response.headers.update(self._bucket.headers())
+                return response
+        return None
 
     def _parse(self, raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]], str] | web.Response:
         try:
