@@ -54,7 +54,7 @@ async def test_retries_recover_and_fatal_errors_fail_fast(
         {"custom_id": "flaky", "prompt": "x [[mock status=500 fail=2]]"},
         {"custom_id": "limited", "prompt": "y [[mock status=429 fail=1 retry_after_ms=50]]"},
         {"custom_id": "bad", "prompt": "z [[mock status=400]]"},
-        {"custom_id": "broke", "prompt": "w [[mock quota=1]]"},
+        {"custom_id": "gone", "prompt": "w [[mock status=404]]"},
     ]
     async with local_cluster(settings, workers=1) as producer:
         batch = await producer.submit(items)
@@ -66,10 +66,11 @@ async def test_retries_recover_and_fatal_errors_fail_fast(
     assert bad.error is not None
     assert bad.response is not None
     assert (bad.attempts, bad.response.status_code) == (1, 400)
-    assert results["broke"].error is not None
-    assert results["broke"].error.code == "insufficient_quota"
-    assert results["broke"].attempts == 1
-    assert stats.errors_by_code == {bad.error.code: 1, "insufficient_quota": 1}
+    gone = results["gone"]
+    assert gone.error is not None
+    assert gone.response is not None
+    assert (gone.attempts, gone.response.status_code) == (1, 404)
+    assert stats.errors_by_code == {bad.error.code: 1, gone.error.code: 1}
     raw = await redis.hgetall(keys.batch(batch.id))
     assert raw[b"retries"] == b"3"
     assert (raw[b"succeeded"], raw[b"failed"]) == (b"3", b"2")
@@ -204,3 +205,26 @@ async def test_cancel_stops_dispatch_keeps_results_and_accounts_for_every_reques
         assert slow.stats.requests == len(sent) <= sent_at_cancel + 5
         assert stats.errors_by_code == {"batch_cancelled": len(cancelled)}
         assert info.cancelling_at is not None
+
+
+@pytest.mark.parametrize("fatal", ["quota=1", "status=401"])
+async def test_a_fatal_upstream_state_stops_the_batch_instead_of_every_attempt(
+    redis: ArqRedis, settings: Settings, mock: MockServer, fatal: str
+) -> None:
+    limited = settings.model_copy(update={"concurrency": 4})
+    async with local_cluster(limited, workers=1) as producer:
+        batch = await producer.submit([f"q{i} [[mock {fatal}]]" for i in range(200)])
+        stats = await batch.wait(timeout_s=20)
+        info = await batch.info()
+        results = [r async for r in batch.results()]
+    code = "insufficient_quota" if "quota" in fatal else "invalid_api_key"
+    assert info.status is Status.FAILED
+    assert info.reason is not None
+    assert code in info.reason
+    assert len(results) == 200  # every request accounted for
+    assert all(r.error is not None and r.error.code == code for r in results)
+    sent = [r for r in results if r.attempts > 0]
+    assert all(r.attempts == 1 for r in sent)  # fatal: never retried
+    # at most about one request per concurrency slot reached the upstream
+    assert mock.stats.requests == len(sent) <= 2 * 4
+    assert stats.errors_by_code == {code: 200}

@@ -25,14 +25,13 @@ from promptq.producer.parsing import ParsedBatch, parse_items, parse_jsonl
 from promptq.shared import keys, serialization
 from promptq.shared.connection import connect
 from promptq.shared.errors import BatchError, BatchExists, BatchNotFound, InputError, LineError
+from promptq.shared.lifecycle import CANCELLED_CODE, CANCELLED_MESSAGE, stop_batch
 from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, Status
 from promptq.shared.scripts import Scripts, decode
 from promptq.shared.settings import Settings
 
 #: requests written per pipeline round trip while enqueueing
 WRITE_CHUNK = 2000
-#: never-sent requests marked cancelled per script call (keeps each Redis call short)
-CANCEL_CHUNK = 1000
 #: at most this many claim tickets circulate per batch (see worker.dispatcher)
 MAX_TICKETS = 16
 #: a ticket not started within this time is dropped by arq (the batch is long dead)
@@ -313,32 +312,26 @@ class Batch:
         new request of the batch is sent after this returns. Cancelling a finished batch
         changes nothing. Returns the batch's state after the call.
         """
-        while True:
-            status, remaining, final = await self.producer.scripts.cancel(
-                keys=[
-                    keys.batch(self.id),
-                    keys.pending(self.id),
-                    keys.results(self.id),
-                    keys.events(self.id),
-                    keys.inflight(self.id),
-                ],
-                args=[CANCEL_CHUNK, "the batch was cancelled before this request was sent"],
-            )
-            if not decode(status):
-                raise BatchNotFound(self.id)
-            if int(final):
-                await self._redis.enqueue_job(
-                    "aggregate", self.id, _job_id=keys.aggregate_job_id(self.id)
-                )
-                await self._redis.publish(keys.WAKEUP_CHANNEL, b"1")
-            if int(remaining) == 0:
-                return await self.info()
+        status, _ = await stop_batch(
+            self._redis,
+            self.producer.scripts,
+            self.id,
+            code=CANCELLED_CODE,
+            message=CANCELLED_MESSAGE,
+            final_status="cancelled",
+            reason="cancelled by the user",
+        )
+        if not status:
+            raise BatchNotFound(self.id)
+        return await self.info()
 
     async def wait(self, *, timeout_s: float | None = None) -> BatchStats:
         """Wait until the batch ends; return the aggregator's stats.
 
-        Blocks on the batch's event stream rather than polling. Raises ``TimeoutError``
-        after ``timeout_s`` seconds, ``BatchError`` if the batch failed.
+        Blocks on the batch's event stream rather than polling. A batch that promptq
+        stopped early (fatal upstream answer, failure rate) returns its stats too; check
+        ``info().status`` and ``info().reason``. Raises ``TimeoutError`` after
+        ``timeout_s`` seconds, ``BatchError`` if the batch failed without running.
         """
         async with asyncio.timeout(timeout_s):
             events = keys.events(self.id)
@@ -346,8 +339,11 @@ class Batch:
                 tail = await self._redis.xrevrange(events, count=1)
                 info = await self.info()
                 if info.status.terminal:
-                    if info.status is Status.FAILED:
+                    if info.stats is not None:
+                        # a batch that ran, even if it was stopped (see info.reason)
+                        return info.stats
+                    if info.status is Status.FAILED:  # never ran: rejected input
                         raise BatchError(f"batch {self.id} failed: {info.reason or 'unknown'}")
-                    return info.stats or BatchStats()
+                    return BatchStats()
                 last = decode(tail[0][0]) if tail else "0-0"
                 await self._redis.xread({events: last}, count=1, block=1000)

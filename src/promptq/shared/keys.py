@@ -92,6 +92,12 @@ METRICS_LATENCY = f"{PREFIX}:metrics:latency_ms"
 LATENCY_BUCKETS_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 
 
+def ratelimit(scope: str) -> str:
+    """Hash: cluster-wide limiter state of one upstream (+ model): ``req_tat``,
+    ``tok_tat`` (GCRA theoretical arrival times, ms) and ``cooldown_until`` (ms)."""
+    return f"{PREFIX}:ratelimit:{{{scope}}}"
+
+
 def aggregate_job_id(batch_id: str) -> str:
     """arq job id of a batch's aggregator job: fixed, so arq refuses a second copy."""
     return f"promptq-aggregate-{batch_id}"

@@ -57,6 +57,7 @@ CLAIM = (
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'in_progress' then return {-1} end
+if redis.call('HEXISTS', KEYS[1], 'final_status') == 1 then return {-1} end
 local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[1]))
 if not ids then return {0} end
 if status == 'queued' then
@@ -118,13 +119,13 @@ FINISH = (
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'finalizing' then return status or '' end
-local final = 'completed'
-if redis.call('HGET', KEYS[1], 'finalizing_from') == 'cancelling' then final = 'cancelled' end
+local final = redis.call('HGET', KEYS[1], 'final_status') or 'completed'
+
 if #ARGV > 1 then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[2], unpack(ARGV, 2))
 end
-redis.call('HSET', KEYS[1], 'status', final, 'completed_at', now)
+redis.call('HSET', KEYS[1], 'status', final, 'completed_at', now, final .. '_at', now)
 redis.call('XADD', KEYS[3], '*', 'end', final)
 for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[1])) end
 return final
@@ -147,26 +148,35 @@ return n
 """
 
 
-# KEYS: batch, pending, results, events, inflight. ARGV: max count, message.
-# Cancels a batch: status 'cancelling', then up to N never-sent requests get a
-# 'batch_cancelled' result (call again while it returns more). In-flight requests
-# finish normally. Returns {status, remaining_pending, became_final 1|0}.
-CANCEL = (
+# KEYS: batch, pending, results, events, inflight.
+# ARGV: max count, error code, error message, final status, reason.
+# Stops a batch: a user's cancel (final 'cancelled', status 'cancelling' meanwhile) or
+# promptq's own stop (final 'failed': fatal upstream answer, failure rate exceeded).
+# Claims refuse a stopped batch at once; up to N never-sent requests get a result with
+# the given code (call again while it returns more); in-flight requests finish. The
+# first stop's final status and reason win. Returns {status, remaining, became_final}.
+STOP = (
     _NOW
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'', 0, 0} end
 if status == 'queued' or status == 'in_progress' or status == 'validating' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', now)
-  status = 'cancelling'
+  if redis.call('HSETNX', KEYS[1], 'final_status', ARGV[4]) == 1 then
+    redis.call('HSET', KEYS[1], 'reason', ARGV[5], 'stopped_at', now)
+  end
+  if ARGV[4] == 'cancelled' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', now)
+    status = 'cancelling'
+  end
+elseif status ~= 'cancelling' then
+  return {status, 0, 0}
 end
-if status ~= 'cancelling' then return {status, 0, 0} end
 local ids = redis.call('LPOP', KEYS[2], tonumber(ARGV[1]))
 local added = 0
 if ids then
   for _, cid in ipairs(ids) do
-    local line = cjson.encode({id = 'batch_req_cancelled_' .. cid, custom_id = cid,
-      response = cjson.null, error = {code = 'batch_cancelled', message = ARGV[2]},
+    local line = cjson.encode({id = 'batch_req_stopped_' .. cid, custom_id = cid,
+      response = cjson.null, error = {code = ARGV[2], message = ARGV[3]},
       latency_ms = cjson.null, attempts = 0})
     if redis.call('HSETNX', KEYS[3], cid, line) == 1 then
       added = added + 1
@@ -179,7 +189,7 @@ local remaining = redis.call('LLEN', KEYS[2])
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
 local s = tonumber(redis.call('HGET', KEYS[1], 'succeeded') or '0')
 if remaining == 0 and s + f >= total then
-  redis.call('HSET', KEYS[1], 'finalizing_from', 'cancelling', 'status', 'finalizing',
+  redis.call('HSET', KEYS[1], 'finalizing_from', status, 'status', 'finalizing',
              'finalizing_at', now)
   return {'finalizing', 0, 1}
 end
@@ -218,7 +228,7 @@ class Scripts:
         self.record = redis.register_script(RECORD)
         self.finish = redis.register_script(FINISH)
         self.release = redis.register_script(RELEASE)
-        self.cancel = redis.register_script(CANCEL)
+        self.stop = redis.register_script(STOP)
         self.requeue_dead = redis.register_script(REQUEUE_DEAD)
 
 

@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     max_file_bytes: PositiveInt = 200 * 1024 * 1024
     max_lines: PositiveInt = 50_000
     heartbeat_s: float = Field(default=2.0, gt=0)
+    limit_per_model: bool = Field(
+        default=False, description="apply PROMPTQ_RPM/TPM per model instead of per upstream"
+    )
+    adaptive_concurrency: bool = Field(
+        default=False,
+        description="AIMD: shrink the concurrency on 429s and timeouts, grow it back on success",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )

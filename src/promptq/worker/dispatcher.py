@@ -34,11 +34,28 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from promptq.shared import keys, serialization
+from promptq.shared.errors import UpstreamError
+from promptq.shared.lifecycle import (
+    CANCELLED_CODE,
+    CANCELLED_MESSAGE,
+    enqueue_aggregate,
+    stop_batch,
+)
 from promptq.shared.models import QueuedRequest
 from promptq.shared.scripts import Scripts, decode
 from promptq.worker.fetch import Fetcher, Outcome
 
 logger = logging.getLogger(__name__)
+
+#: upstream answers that every other request of the batch would get too: stop the batch
+#: instead of spending every attempt of every request on them
+STOP_BATCH_CODES = frozenset(
+    {"insufficient_quota", "invalid_api_key", "billing_hard_limit_reached"}
+)
+STOP_BATCH_STATUSES = frozenset({401, 403})
+#: adaptive concurrency: at most one multiplicative decrease per this many seconds
+AIMD_DECREASE_GAP_S = 1.0
+AIMD_DECREASE_FACTOR = 0.7
 
 
 def new_worker_id() -> str:
@@ -64,8 +81,8 @@ class Dispatcher:
         concurrency: int,
         worker_id: str | None = None,
         heartbeat_s: float = 2.0,
-        tickets_per_batch: int = 1,
         upstream_label: str = "",
+        adaptive: bool = False,
     ) -> None:
         self.redis = redis
         self.fetcher = fetcher
@@ -74,9 +91,15 @@ class Dispatcher:
         self.heartbeat_s = heartbeat_s
         self.upstream_label = upstream_label
         self.scripts = Scripts(redis)
-        # Claim in groups: waiting until an eighth of the slots are free keeps the number
-        # of claim round trips per request low when the worker is saturated.
-        self.low_water = max(1, concurrency // 8)
+        # Adaptive concurrency (AIMD, opt-in): the claim limit starts small, doubles per
+        # round of successes until the first 429/timeout, then grows by one per round and
+        # shrinks by 30% (at most once a second) on 429s and timeouts.
+        self.adaptive = adaptive
+        self.limit = float(min(concurrency, 4) if adaptive else concurrency)
+        self._slow_start = adaptive
+        self._last_decrease = 0.0
+        if adaptive:
+            fetcher.on_attempt = self._adapt
         self.claimed = 0
         self.done = 0
         self.failed = 0
@@ -92,6 +115,7 @@ class Dispatcher:
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._closing = False
         self._batches_seen: set[str] = set()
+        self._stopped: set[str] = set()
         self._latency_counts: Counter[str] = Counter()
         self._latency_sum_ms = 0.0
 
@@ -99,7 +123,26 @@ class Dispatcher:
 
     @property
     def free(self) -> int:
-        return self.concurrency - self.claimed
+        return max(0, int(self.limit) - self.claimed)
+
+    @property
+    def low_water(self) -> int:
+        # Claim in groups: waiting until an eighth of the slots are free keeps the number
+        # of claim round trips per request low when the worker is saturated.
+        return max(1, int(self.limit) // 8)
+
+    def _adapt(self, error: UpstreamError | None) -> None:
+        if error is None:
+            step = 1.0 if self._slow_start else 1.0 / self.limit
+            self.limit = min(float(self.concurrency), self.limit + step)
+            return
+        overloaded = (error.status_code == 429 and error.retryable) or error.code == "timeout"
+        now = time.monotonic()
+        if overloaded and now - self._last_decrease >= AIMD_DECREASE_GAP_S:
+            self._slow_start = False
+            self._last_decrease = now
+            self.limit = max(1.0, self.limit * AIMD_DECREASE_FACTOR)
+            logger.info("adaptive concurrency: %s, limit now %d", error.code, int(self.limit))
 
     def can_take_work(self) -> bool:
         return not self._closing and (self.claimed == 0 or self.free >= self.low_water)
@@ -152,12 +195,49 @@ class Dispatcher:
     async def _run(self, batch_id: str, endpoint: str, request: QueuedRequest) -> None:
         try:
             outcome = await self.fetcher.fetch(endpoint, request.body)
+        except Exception as exc:  # a bug, not an upstream answer: still one result
+            logger.exception("request %s of %s failed inside promptq", request.custom_id, batch_id)
+            outcome = Outcome(
+                status_code=None,
+                body=None,
+                request_id=None,
+                error=UpstreamError(f"internal error: {type(exc).__name__}", code="internal_error"),
+                attempts=1,
+                latency_ms=0.0,
+            )
         finally:
             self.claimed -= 1
             self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             if self.on_capacity is not None and self.free == self.low_water:
                 self.on_capacity()
         self._add_result(batch_id, request.custom_id, outcome)
+        error = outcome.error
+        if (
+            error is not None
+            and not error.retryable
+            and (error.code in STOP_BATCH_CODES or error.status_code in STOP_BATCH_STATUSES)
+            and batch_id not in self._stopped
+        ):
+            self._stopped.add(batch_id)
+            await self._stop_for_upstream(batch_id, error)
+
+    async def _stop_for_upstream(self, batch_id: str, error: UpstreamError) -> None:
+        reason = f"stopped: the upstream answered {error.code} ({error.message})"
+        logger.error("batch %s %s; its unsent requests will not be sent", batch_id, reason)
+        try:
+            await stop_batch(
+                self.redis,
+                self.scripts,
+                batch_id,
+                code=error.code,
+                message=f"not sent: the batch stopped after the upstream answered "
+                f"{error.code} to another of its requests; fix that, then retry the failed "
+                "requests",
+                final_status="failed",
+                reason=reason,
+            )
+        except Exception as exc:
+            logger.warning("could not stop batch %s: %s", batch_id, exc)
 
     def _add_result(self, batch_id: str, custom_id: str, outcome: Outcome) -> None:
         result = result_line(custom_id, outcome)
@@ -238,10 +318,7 @@ class Dispatcher:
         delay = 0.05
         while True:
             try:
-                await self.redis.enqueue_job(
-                    "aggregate", batch_id, _job_id=keys.aggregate_job_id(batch_id)
-                )
-                await self.redis.publish(keys.WAKEUP_CHANNEL, b"1")
+                await enqueue_aggregate(self.redis, batch_id)
                 return
             except Exception as exc:
                 logger.warning(
@@ -307,6 +384,8 @@ class Dispatcher:
             try:
                 await self._beat()
                 await self.reap_dead_workers()
+                if self.fetcher.limiter is not None and not self.fetcher.limiter.enforcing:
+                    await self.fetcher.limiter.refresh()
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
 
@@ -347,18 +426,15 @@ class Dispatcher:
     async def _resume(self, batch_id: str, status: str) -> None:
         """Make sure requests put back in a batch get done (or cancelled)."""
         if status == "cancelling":
-            _, _, final = await self.scripts.cancel(
-                keys=[
-                    keys.batch(batch_id),
-                    keys.pending(batch_id),
-                    keys.results(batch_id),
-                    keys.events(batch_id),
-                    keys.inflight(batch_id),
-                ],
-                args=[1_000_000, "the batch was cancelled before this request was sent"],
+            await stop_batch(
+                self.redis,
+                self.scripts,
+                batch_id,
+                code=CANCELLED_CODE,
+                message=CANCELLED_MESSAGE,
+                final_status="cancelled",
+                reason="cancelled by the user",
             )
-            if int(final):
-                await self._enqueue_aggregate(batch_id)
             return
         raw_endpoint: bytes | None = await self.redis.hget(  # type: ignore[misc]
             keys.batch(batch_id), "endpoint"
@@ -377,6 +453,7 @@ class Dispatcher:
                     "started_at": f"{self.started_at:.3f}",
                     "last_beat": f"{now:.3f}",
                     "concurrency": self.concurrency,
+                    "limit": int(self.limit),
                     "in_flight": self.fetcher.in_flight,
                     "claimed": self.claimed,
                     "done": self.done,

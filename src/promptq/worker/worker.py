@@ -26,6 +26,7 @@ from arq.connections import ArqRedis
 
 from promptq.shared import keys, serialization
 from promptq.shared.connection import connect
+from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.scripts import Scripts
 from promptq.shared.settings import Settings, redact_url
 from promptq.worker import jobs
@@ -40,12 +41,20 @@ async def startup(ctx: dict[str, Any]) -> None:
     """arq ``on_startup``: open the upstream session and the dispatcher."""
     settings: Settings = ctx.get("settings") or Settings()
     ctx["settings"] = settings
+    limiter = RateLimiter(
+        ctx["redis"],
+        upstream_url=settings.upstream_url,
+        rpm=settings.rpm,
+        tpm=settings.tpm,
+        per_model=settings.limit_per_model,
+    )
     fetcher = Fetcher(
         base_url=settings.upstream_url,
         api_key=settings.api_key,
         concurrency=settings.concurrency,
         timeout_s=settings.timeout_s,
         policy=RetryPolicy(max_attempts=settings.max_attempts),
+        limiter=limiter,
     )
     await fetcher.__aenter__()
     dispatcher = Dispatcher(
@@ -54,6 +63,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         concurrency=settings.concurrency,
         heartbeat_s=settings.heartbeat_s,
         upstream_label=settings.upstream_url,
+        adaptive=settings.adaptive_concurrency,
     )
     await dispatcher.start()
     ctx.update(
@@ -63,12 +73,14 @@ async def startup(ctx: dict[str, Any]) -> None:
         result_ttl_s=settings.result_ttl_s,
     )
     logger.info(
-        "worker %s ready: upstream %s, concurrency %d, %d attempt(s), timeout %.0fs",
+        "worker %s ready: upstream %s, concurrency %d%s, %d attempt(s), timeout %.0fs, %s",
         dispatcher.worker_id,
         settings.upstream_url,
         settings.concurrency,
+        " (adaptive)" if settings.adaptive_concurrency else "",
         settings.max_attempts,
         settings.timeout_s,
+        limiter,
     )
 
 
