@@ -105,12 +105,12 @@ async def test_record_counts_each_request_once_and_finalizes_once(store: ArqRedi
     s = await make_batch(store, ["a", "b"])
     await s.claim(keys=claim_keys(), args=[2, "w1"])
     ok = [1, "a", b'{"custom_id":"a"}', 1, 0]
-    assert await s.record(keys=record_keys(), args=ok) == [1, 0]
+    assert await s.record(keys=record_keys(), args=ok) == [1, 0, 0]
     # the same request recorded again (it ran twice after a crash): ignored
-    assert await s.record(keys=record_keys(), args=ok) == [0, 0]
+    assert await s.record(keys=record_keys(), args=ok) == [0, 0, 0]
     fail = [1, "b", b'{"custom_id":"b"}', 0, 2]
-    assert await s.record(keys=record_keys(), args=fail) == [1, 1]
-    assert await s.record(keys=record_keys(), args=fail) == [0, 0]
+    assert await s.record(keys=record_keys(), args=fail) == [1, 1, 0]
+    assert await s.record(keys=record_keys(), args=fail) == [0, 0, 0]
     batch = await store.hgetall(keys.batch(B))
     assert (batch[b"succeeded"], batch[b"failed"], batch[b"retries"]) == (b"1", b"1", b"2")
     assert batch[b"status"] == b"finalizing"
@@ -140,3 +140,16 @@ async def test_release_hands_unfinished_requests_back(store: ArqRedis) -> None:
     )
     assert released == 1  # "a" already has its result
     assert await store.lrange(keys.pending(B), 0, -1) == [b"b", b"c"]
+
+
+async def test_record_flags_a_failure_rate_over_the_limit_after_the_sample(
+    store: ArqRedis,
+) -> None:
+    ids = [f"r{i}" for i in range(10)]
+    s = await make_batch(store, ids)
+    await store.hset(keys.batch(B), mapping={"max_failure_rate": 0.5, "failure_min_sample": 4})
+    await s.claim(keys=claim_keys(), args=[10, "w1"])
+    flags = []
+    for i, ok in enumerate([0, 0, 0, 1, 0]):  # 3 failures in 3: under the sample size
+        flags.append((await s.record(keys=record_keys(), args=[1, ids[i], b"{}", ok, 0]))[2])
+    assert flags == [0, 0, 0, 1, 1]  # from 4 finished on: 3/4 > 0.5, then 4/5

@@ -1,6 +1,16 @@
-"""Batch state changes that both sides make: stopping a batch, starting its aggregator."""
+"""Batch state changes that both sides make: queueing tickets, stopping a batch,
+starting its aggregator.
+
+Priority lanes: claim tickets of ``urgent`` batches are queued with a score
+``URGENT_HEAD_START_MS`` earlier than their enqueue time. arq serves the lowest score
+first, so an urgent request overtakes all bulk work queued less than that before it,
+and bulk work that has waited longer goes first: bulk is delayed, never starved.
+"""
 
 from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
 
 from arq.connections import ArqRedis
 
@@ -46,6 +56,28 @@ async def stop_batch(
             await enqueue_aggregate(redis, batch_id)
         if int(remaining) == 0:
             return decode(status), became_final
+
+
+URGENT_HEAD_START_MS = 60_000
+
+
+def ticket_score_ms(priority: str, now_ms: int | None = None) -> int:
+    """arq queue score of a claim ticket for a batch of this priority."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return now_ms - URGENT_HEAD_START_MS if priority == "urgent" else now_ms
+
+
+async def enqueue_ticket(redis: ArqRedis, batch_id: str, endpoint: str, priority: str) -> None:
+    """Put one claim ticket for the batch in the queue (in its lane) and wake workers."""
+    score_ms = ticket_score_ms(priority)
+    await redis.enqueue_job(
+        "claim",
+        batch_id,
+        endpoint,
+        priority,
+        _defer_until=datetime.fromtimestamp(score_ms / 1000, tz=UTC),
+    )
+    await redis.publish(keys.WAKEUP_CHANNEL, b"1")
 
 
 async def enqueue_aggregate(redis: ArqRedis, batch_id: str) -> None:

@@ -76,8 +76,10 @@ return out
 # KEYS: batch, results, inflight, events.
 # ARGV: n, then n groups of (custom_id, result_json, ok 1|0, retries).
 # Records results exactly once per custom_id (HSETNX): a request that ran twice after
-# a crash counts once. Returns {newly_recorded, became_final 1|0}; exactly one caller
-# ever sees became_final = 1, and that caller enqueues the aggregator job.
+# a crash counts once. Returns {newly_recorded, became_final 1|0, failure_rate_exceeded
+# 1|0}; exactly one caller ever sees became_final = 1, and that caller enqueues the
+# aggregator job. The failure-rate check uses the batch's `max_failure_rate` and
+# `failure_min_sample` fields, when set.
 RECORD = (
     _NOW
     + """
@@ -93,7 +95,7 @@ for i = 0, n - 1 do
   end
   redis.call('HDEL', KEYS[3], cid)
 end
-if added == 0 then return {0, 0} end
+if added == 0 then return {0, 0, 0} end
 local s = redis.call('HINCRBY', KEYS[1], 'succeeded', ok)
 local f = redis.call('HINCRBY', KEYS[1], 'failed', failed)
 redis.call('HINCRBY', KEYS[1], 'retries', retries)
@@ -104,9 +106,14 @@ if total and s + f >= total and (status == 'in_progress' or status == 'queued'
     or status == 'cancelling') then
   redis.call('HSET', KEYS[1], 'finalizing_from', status, 'status', 'finalizing',
              'finalizing_at', now)
-  return {added, 1}
+  return {added, 1, 0}
 end
-return {added, 0}
+local max_rate = tonumber(redis.call('HGET', KEYS[1], 'max_failure_rate') or '')
+if max_rate and redis.call('HEXISTS', KEYS[1], 'final_status') == 0 then
+  local sample = tonumber(redis.call('HGET', KEYS[1], 'failure_min_sample') or '20')
+  if s + f >= sample and f / (s + f) > max_rate then return {added, 0, 1} end
+end
+return {added, 0, 0}
 """
 )
 

@@ -39,6 +39,7 @@ from promptq.shared.lifecycle import (
     CANCELLED_CODE,
     CANCELLED_MESSAGE,
     enqueue_aggregate,
+    enqueue_ticket,
     stop_batch,
 )
 from promptq.shared.models import QueuedRequest
@@ -153,7 +154,7 @@ class Dispatcher:
 
     # -- claiming -------------------------------------------------------------------
 
-    async def claim(self, batch_id: str, endpoint: str) -> int:
+    async def claim(self, batch_id: str, endpoint: str, priority: str = "bulk") -> int:
         """Run one ticket: claim up to ``free`` requests of the batch and start them.
 
         Enqueues a successor ticket when the batch still has unclaimed requests.
@@ -189,7 +190,7 @@ class Dispatcher:
             task = asyncio.create_task(self._run(batch_id, endpoint, request))
             self._tasks[task] = (batch_id, request.custom_id)
         if remaining > 0:
-            await enqueue_ticket(self.redis, batch_id, endpoint)
+            await enqueue_ticket(self.redis, batch_id, endpoint, priority)
         return len(requests)
 
     async def _run(self, batch_id: str, endpoint: str, request: QueuedRequest) -> None:
@@ -220,6 +221,30 @@ class Dispatcher:
         ):
             self._stopped.add(batch_id)
             await self._stop_for_upstream(batch_id, error)
+
+    async def _stop_for_failure_rate(self, batch_id: str) -> None:
+        raw = await self.redis.hmget(  # type: ignore[misc]
+            keys.batch(batch_id), ["succeeded", "failed", "max_failure_rate"]
+        )
+        ok, failed, limit = (float(decode(v or b"0")) for v in raw)
+        rate = failed / max(ok + failed, 1)
+        reason = (
+            f"stopped: {rate:.0%} of {ok + failed:.0f} finished requests failed, "
+            f"over the {limit:.0%} allowed (--max-failure-rate)"
+        )
+        logger.error("batch %s %s", batch_id, reason)
+        try:
+            await stop_batch(
+                self.redis,
+                self.scripts,
+                batch_id,
+                code="failure_rate_exceeded",
+                message="not sent: the batch stopped because too many of its requests failed",
+                final_status="failed",
+                reason=reason,
+            )
+        except Exception as exc:
+            logger.warning("could not stop batch %s: %s", batch_id, exc)
 
     async def _stop_for_upstream(self, batch_id: str, error: UpstreamError) -> None:
         reason = f"stopped: the upstream answered {error.code} ({error.message})"
@@ -268,7 +293,7 @@ class Dispatcher:
             batch_id, pending = next(iter(self._buffer.items()))
             del self._buffer[batch_id]
             try:
-                _added, final = await self.scripts.record(
+                _added, final, too_many_failures = await self.scripts.record(
                     keys=[
                         keys.batch(batch_id),
                         keys.results(batch_id),
@@ -294,6 +319,9 @@ class Dispatcher:
             delay = 0.05
             if int(final):
                 await self._enqueue_aggregate(batch_id)
+            elif int(too_many_failures) and batch_id not in self._stopped:
+                self._stopped.add(batch_id)
+                await self._stop_for_failure_rate(batch_id)
             await self._flush_metrics()
         self._flushed.set()
 
@@ -436,10 +464,12 @@ class Dispatcher:
                 reason="cancelled by the user",
             )
             return
-        raw_endpoint: bytes | None = await self.redis.hget(  # type: ignore[misc]
-            keys.batch(batch_id), "endpoint"
+        endpoint, priority = await self.redis.hmget(  # type: ignore[misc]
+            keys.batch(batch_id), ["endpoint", "priority"]
         )
-        await enqueue_ticket(self.redis, batch_id, decode(raw_endpoint or b""))
+        await enqueue_ticket(
+            self.redis, batch_id, decode(endpoint or b""), decode(priority or b"bulk")
+        )
 
     async def _beat(self) -> None:
         now = time.time()
@@ -466,12 +496,6 @@ class Dispatcher:
             pipe.expire(keys.worker_batches(self.worker_id), 7 * 24 * 3600)
             pipe.zadd(keys.WORKERS, {self.worker_id: now})
             await pipe.execute()
-
-
-async def enqueue_ticket(redis: ArqRedis, batch_id: str, endpoint: str) -> None:
-    """Put one claim ticket for the batch in the queue and wake idle workers."""
-    await redis.enqueue_job("claim", batch_id, endpoint)
-    await redis.publish(keys.WAKEUP_CHANNEL, b"1")
 
 
 def result_line(custom_id: str, outcome: Outcome) -> dict[str, Any]:

@@ -13,10 +13,10 @@ from promptq.worker.dispatcher import Dispatcher
 logger = logging.getLogger(__name__)
 
 
-async def claim(ctx: dict[str, Any], batch_id: str, endpoint: str) -> int:
+async def claim(ctx: dict[str, Any], batch_id: str, endpoint: str, priority: str = "bulk") -> int:
     """Claim as many of the batch's queued requests as this worker has free slots."""
     dispatcher: Dispatcher = ctx["dispatcher"]
-    return await dispatcher.claim(batch_id, endpoint)
+    return await dispatcher.claim(batch_id, endpoint, priority)
 
 
 async def aggregate(ctx: dict[str, Any], batch_id: str) -> str:
