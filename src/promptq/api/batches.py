@@ -1,0 +1,244 @@
+"""``/v1/batches``: create, list, retrieve, cancel; plus ``/v1/batches/{id}/results``
+(a promptq extension: NDJSON of result lines, ``?follow=true`` streams them live)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from promptq.api.errors import ApiError, bad_request, json_response, not_found, read_json_object
+from promptq.api.intake import expire_stale_validation, validate_and_enqueue
+from promptq.api.objects import CHAT_BATCH_PREFIX, COMPLETION_WINDOW, batch_object
+from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
+from promptq.api.store import StoredBatch
+from promptq.api.streaming import stream_lines
+from promptq.producer.producer import new_batch_id
+from promptq.shared import keys
+from promptq.shared.errors import BatchNotFound
+from promptq.shared.models import ENDPOINTS
+
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+DEFAULT_LIST_LIMIT = 20
+MAX_LIST_LIMIT = 100
+
+
+def _no_batch(batch_id: str) -> ApiError:
+    return not_found(
+        f"No batch '{batch_id}': wrong id, or it expired (finished batches are kept "
+        "PROMPTQ_RESULT_TTL_S seconds).",
+        code="batch_not_found",
+    )
+
+
+def _required_str(body: dict[str, Any], field: str, hint: str) -> str:
+    value = body.get(field)
+    if value is None:
+        raise bad_request(
+            f"Missing required parameter '{field}': {hint}.",
+            param=field,
+            code="missing_required_parameter",
+        )
+    if not isinstance(value, str) or not value:
+        raise bad_request(
+            f"'{field}' must be a non-empty string: {hint}.", param=field, code="invalid_type"
+        )
+    return value
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise bad_request(
+            "'metadata' must be an object of string keys and string values.",
+            param="metadata",
+            code="invalid_type",
+        )
+    if len(value) > MAX_METADATA_PAIRS:
+        raise bad_request(
+            f"'metadata' has {len(value)} pairs; at most {MAX_METADATA_PAIRS}.",
+            param="metadata",
+            code="invalid_metadata",
+        )
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise bad_request(
+                f"metadata key '{key[:20]}...' is longer than {MAX_METADATA_KEY_CHARS} characters.",
+                param=f"metadata.{key[:20]}",
+                code="invalid_metadata",
+            )
+        if not isinstance(item, str) or len(item) > MAX_METADATA_VALUE_CHARS:
+            raise bad_request(
+                f"metadata value of '{key}' must be a string of at most "
+                f"{MAX_METADATA_VALUE_CHARS} characters.",
+                param=f"metadata.{key}",
+                code="invalid_metadata",
+            )
+    return value
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    """POST /v1/batches: a batch of the uploaded file's requests; validated in the
+    background (status ``validating``, then ``in_progress`` or ``failed``)."""
+    body = await read_json_object(request)
+    file_id = _required_str(
+        body, "input_file_id", "the id of a file uploaded with POST /v1/files (purpose=batch)"
+    )
+    endpoint = _required_str(body, "endpoint", f"one of {', '.join(ENDPOINTS)}")
+    if endpoint not in ENDPOINTS:
+        raise bad_request(
+            f"Unsupported endpoint '{endpoint}'; promptq runs {', '.join(ENDPOINTS)}.",
+            param="endpoint",
+            code="invalid_endpoint",
+        )
+    window = _required_str(body, "completion_window", f"'{COMPLETION_WINDOW}'")
+    if window != COMPLETION_WINDOW:
+        raise bad_request(
+            f"Unsupported completion_window '{window}'; use '{COMPLETION_WINDOW}'.",
+            param="completion_window",
+            code="invalid_completion_window",
+        )
+    metadata = _metadata(body.get("metadata"))
+    store = request.app[STORE]
+    if await store.file(file_id) is None:
+        raise not_found(
+            f"No file '{file_id}' to create the batch from: upload it first with "
+            "POST /v1/files (purpose=batch); uploads expire after PROMPTQ_API_FILE_TTL_S.",
+            param="input_file_id",
+            code="file_not_found",
+        )
+    settings = request.app[SETTINGS]
+    batch_id = new_batch_id()
+    stored = await store.create_validating(
+        batch_id,
+        endpoint=endpoint,
+        input_file_id=file_id,
+        completion_window=window,
+        metadata=metadata,
+        ttl_s=settings.result_ttl_s,
+        validation_timeout_s=settings.api_validation_timeout_s,
+    )
+    task = asyncio.create_task(
+        validate_and_enqueue(
+            producer=request.app[PRODUCER],
+            store=store,
+            settings=settings,
+            batch_id=batch_id,
+            file_id=file_id,
+            endpoint=endpoint,
+            created_at=float(stored.api["created_at"]),
+        ),
+        name=f"validate {batch_id}",
+    )
+    tasks = request.app[TASKS]
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return json_response(batch_object(batch_id, stored.raw, stored.stats, stored.api))
+
+
+async def _load(request: web.Request, batch_id: str) -> StoredBatch:
+    store = request.app[STORE]
+    stored = await store.batch(batch_id)
+    if stored is None:
+        raise _no_batch(batch_id)
+    ttl_s = request.app[SETTINGS].result_ttl_s
+    return await expire_stale_validation(store, stored, ttl_s=ttl_s) or stored
+
+
+async def retrieve_batch(request: web.Request) -> web.Response:
+    """GET /v1/batches/{batch_id}."""
+    stored = await _load(request, request.match_info["batch_id"])
+    return json_response(batch_object(stored.id, stored.raw, stored.stats, stored.api))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    """POST /v1/batches/{batch_id}/cancel: requests not yet sent are not sent; finished
+    results stay (the cancelled ones are in the error file with ``batch_cancelled``)."""
+    batch_id = request.match_info["batch_id"]
+    await _load(request, batch_id)
+    try:
+        await request.app[PRODUCER].batch(batch_id).cancel()
+    except BatchNotFound as exc:
+        raise _no_batch(batch_id) from exc
+    stored = await _load(request, batch_id)
+    return json_response(batch_object(stored.id, stored.raw, stored.stats, stored.api))
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIST_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIST_LIMIT:
+        raise bad_request(
+            f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}, got '{raw}'.",
+            param="limit",
+            code="invalid_limit",
+        )
+    return limit
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    """GET /v1/batches?after=&limit=: newest first, cursor pagination as OpenAI's."""
+    limit = _limit(request)
+    after = request.query.get("after") or None
+    store = request.app[STORE]
+    found: list[StoredBatch] = []
+    cursor = after
+    while len(found) <= limit:  # one extra tells whether there is more
+        ids = await store.batch_ids_after(cursor, limit + 1)
+        if ids is None:
+            if cursor == after:
+                raise bad_request(
+                    f"Unknown 'after' cursor '{after}': pass the id of a batch from the "
+                    "previous page (it may have expired; list again from the start).",
+                    param="after",
+                    code="invalid_cursor",
+                )
+            break  # the page's last batch expired meanwhile
+        if not ids:
+            break
+        wanted = [i for i in ids if not i.startswith(CHAT_BATCH_PREFIX)]
+        batches = await store.batches(wanted)
+        gone = [i for i, b in zip(wanted, batches, strict=True) if b is None]
+        if gone:
+            await store.redis.zrem(keys.BATCHES, *gone)  # expired
+        found += [b for b in batches if b is not None]
+        cursor = ids[-1]
+    page = found[:limit]
+    return json_response(
+        {
+            "object": "list",
+            "data": [batch_object(b.id, b.raw, b.stats, b.api) for b in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(found) > limit,
+        }
+    )
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw in ("true", "1", "yes"):
+        return True
+    if raw in ("false", "0", "no", ""):
+        return False
+    raise bad_request(f"'{name}' must be true or false, got '{raw}'.", param=name)
+
+
+async def batch_results(request: web.Request) -> web.StreamResponse:
+    """GET /v1/batches/{batch_id}/results[?follow=true]: every result line (successes and
+    failures) as NDJSON; with ``follow`` they stream as they finish, until the batch ends."""
+    batch_id = request.match_info["batch_id"]
+    follow = _flag(request, "follow")
+    await _load(request, batch_id)
+    batch = request.app[PRODUCER].batch(batch_id)
+    lines = batch.as_completed_raw() if follow else batch.raw_results()
+    return await stream_lines(request, lines, content_type="application/x-ndjson", live=follow)

@@ -1,0 +1,148 @@
+"""OpenAI object shapes (Batch, File) built from what promptq keeps in Redis.
+
+promptq's batch lifecycle has two states OpenAI's lacks; they are reported as the
+OpenAI state a client expects:
+
+* ``queued`` (validated, waiting for a worker) -> ``in_progress``;
+* ``finalizing`` on the way to ``cancelled`` -> ``cancelling``.
+
+Output and error files of a batch are virtual: ``file-out-<batch id>`` and
+``file-err-<batch id>`` are generated from the batch's results when read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from promptq.shared.models import CHAT_ENDPOINT
+
+#: OpenAI's only completion window; promptq does not expire batches before it ends.
+COMPLETION_WINDOW = "24h"
+COMPLETION_WINDOW_S = 24 * 3600
+
+#: Batches behind POST /v1/chat/completions (one request each) have ids with this prefix;
+#: GET /v1/batches does not list them.
+CHAT_BATCH_PREFIX = "chat_"
+
+OUTPUT_PREFIX = "file-out-"
+ERROR_PREFIX = "file-err-"
+
+_STATUS = {
+    "validating": "validating",
+    "queued": "in_progress",
+    "in_progress": "in_progress",
+    "finalizing": "finalizing",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelling": "cancelling",
+    "cancelled": "cancelled",
+}
+
+
+def output_file_id(batch_id: str) -> str:
+    return OUTPUT_PREFIX + batch_id
+
+
+def error_file_id(batch_id: str) -> str:
+    return ERROR_PREFIX + batch_id
+
+
+def _ts(raw: dict[str, str], field: str) -> int | None:
+    value = raw.get(field)
+    if not value:
+        return None
+    try:
+        return int(float(value))
+    except ValueError:
+        return None
+
+
+def _int(raw: dict[str, str], field: str) -> int:
+    try:
+        return int(raw.get(field) or 0)
+    except ValueError:
+        return 0
+
+
+def openai_status(raw: dict[str, str]) -> str:
+    status = raw.get("status", "validating")
+    if status == "finalizing" and raw.get("finalizing_from") == "cancelling":
+        return "cancelling"
+    return _STATUS.get(status, status)
+
+
+def batch_object(
+    batch_id: str, raw: dict[str, str], stats: dict[str, str], api: dict[str, str]
+) -> dict[str, Any]:
+    """The OpenAI Batch object for one batch (its hash, stats hash and ``:api`` hash)."""
+    status = openai_status(raw)
+    created_at = _ts(api, "created_at") or _ts(raw, "created_at") or 0
+    succeeded, failed = _int(raw, "succeeded"), _int(raw, "failed")
+    in_progress_at = _ts(raw, "in_progress_at")
+    if in_progress_at is None and raw.get("status") not in ("validating", "failed"):
+        in_progress_at = _ts(raw, "created_at")  # queued: validated, waiting for a worker
+    ended = _ts(raw, "completed_at")
+    cancelled = raw.get("status") == "cancelled"
+    finished = raw.get("status") in ("completed", "cancelled")
+    input_tokens, output_tokens = _int(stats, "input_tokens"), _int(stats, "output_tokens")
+    errors = orjson.loads(raw["errors"]) if raw.get("errors") else None
+    metadata = orjson.loads(api["metadata"]) if api.get("metadata") else None
+    return {
+        "id": batch_id,
+        "object": "batch",
+        "endpoint": api.get("endpoint") or raw.get("endpoint") or CHAT_ENDPOINT,
+        "model": raw.get("model") or None,
+        "errors": errors,
+        "input_file_id": api.get("input_file_id", ""),
+        "completion_window": api.get("completion_window", COMPLETION_WINDOW),
+        "status": status,
+        "output_file_id": output_file_id(batch_id) if finished and succeeded else None,
+        "error_file_id": error_file_id(batch_id) if finished and failed else None,
+        "created_at": created_at,
+        "in_progress_at": in_progress_at,
+        "expires_at": created_at + COMPLETION_WINDOW_S,
+        "finalizing_at": _ts(raw, "finalizing_at"),
+        "completed_at": ended if not cancelled else None,
+        "failed_at": _ts(raw, "failed_at"),
+        "expired_at": None,
+        "cancelling_at": _ts(raw, "cancelling_at"),
+        "cancelled_at": ended if cancelled else None,
+        "request_counts": {
+            "total": _int(raw, "total"),
+            "completed": succeeded,
+            "failed": failed,
+        },
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens,
+        },
+        "metadata": metadata,
+    }
+
+
+def file_object(
+    file_id: str,
+    *,
+    size: int,
+    created_at: int,
+    filename: str,
+    purpose: str,
+    expires_at: int | None = None,
+) -> dict[str, Any]:
+    """The OpenAI File object."""
+    return {
+        "id": file_id,
+        "object": "file",
+        "bytes": size,
+        "created_at": created_at,
+        "expires_at": expires_at,
+        "filename": filename,
+        "purpose": purpose,
+        "status": "processed",
+        "status_details": None,
+    }

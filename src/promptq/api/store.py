@@ -1,0 +1,236 @@
+"""What the HTTP API keeps in Redis beyond the pipeline's own keys.
+
+* uploaded files: ``promptq:file:{ID}`` (hash of metadata) and ``promptq:file:{ID}:content``
+  (the bytes), both with a TTL: any replica serves any file, no local disk involved;
+* batches created over HTTP: ``promptq:batch:{ID}:api`` (input file, completion window,
+  metadata, creation time, validation deadline), next to the batch's own keys.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from arq.connections import ArqRedis
+
+from promptq.api.objects import COMPLETION_WINDOW_S
+from promptq.shared import keys
+from promptq.shared.scripts import decode
+
+# KEYS: batch, requests, pending, batches-zset. ARGV: batch_id, ttl_s, reason, errors JSON.
+# Ends a batch that is still 'validating' as 'failed' (OpenAI's answer to an invalid
+# input file): drops whatever requests were written, keeps the errors, lists the batch.
+# A batch that moved on meanwhile (cancelled, queued) is left alone; returns its status.
+FAIL_VALIDATING = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'validating' then return status or '' end
+local t = redis.call('TIME')
+local now = string.format('%.3f', tonumber(t[1]) + math.floor(tonumber(t[2]) / 1000) / 1000)
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', now, 'total', 0,
+           'reason', ARGV[3], 'errors', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'created_at') or now, ARGV[1])
+return 'failed'
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """Metadata of an uploaded file (sizes in bytes, times in unix seconds)."""
+
+    id: str
+    filename: str
+    size: int
+    lines: int
+    purpose: str
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """The three hashes an OpenAI Batch object is built from (decoded)."""
+
+    id: str
+    raw: dict[str, str]
+    stats: dict[str, str]
+    api: dict[str, str]
+
+
+def _decoded(raw: dict[Any, Any]) -> dict[str, str]:
+    return {decode(k): decode(v) for k, v in raw.items()}
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex}"
+
+
+class ApiStore:
+    """Reads and writes of the HTTP API's own Redis data."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._fail_validating = redis.register_script(FAIL_VALIDATING)
+
+    async def now(self) -> float:
+        """Redis' clock (unix seconds): one clock for every replica and worker."""
+        seconds, micros = await self.redis.time()
+        return float(seconds) + float(micros) / 1_000_000
+
+    # -- files ------------------------------------------------------------------------
+
+    async def save_file(
+        self, data: bytes | memoryview, *, filename: str, purpose: str, lines: int, ttl_s: int
+    ) -> StoredFile:
+        now = int(await self.now())
+        stored = StoredFile(
+            id=new_file_id(),
+            filename=filename,
+            size=len(data),
+            lines=lines,
+            purpose=purpose,
+            created_at=now,
+            expires_at=now + ttl_s,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(keys.file_content(stored.id), data, ex=ttl_s)
+            pipe.hset(
+                keys.file(stored.id),
+                mapping={
+                    "filename": filename,
+                    "bytes": stored.size,
+                    "lines": lines,
+                    "purpose": purpose,
+                    "created_at": now,
+                    "expires_at": stored.expires_at,
+                },
+            )
+            pipe.expire(keys.file(stored.id), ttl_s)
+            await pipe.execute()
+        return stored
+
+    async def file(self, file_id: str) -> StoredFile | None:
+        if not keys.FILE_ID_RE.match(file_id):
+            return None
+        reply: dict[bytes, bytes] = await self.redis.hgetall(keys.file(file_id))  # type: ignore[misc]
+        raw = _decoded(reply)
+        if not raw:
+            return None
+        return StoredFile(
+            id=file_id,
+            filename=raw.get("filename", ""),
+            size=int(raw.get("bytes", 0)),
+            lines=int(raw.get("lines", 0)),
+            purpose=raw.get("purpose", "batch"),
+            created_at=int(raw.get("created_at", 0)),
+            expires_at=int(raw.get("expires_at", 0)),
+        )
+
+    async def file_content(self, file_id: str) -> bytes | None:
+        if not keys.FILE_ID_RE.match(file_id):
+            return None
+        data: bytes | None = await self.redis.get(keys.file_content(file_id))
+        return data
+
+    # -- batches ----------------------------------------------------------------------
+
+    async def create_validating(
+        self,
+        batch_id: str,
+        *,
+        endpoint: str,
+        input_file_id: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+        ttl_s: int,
+        validation_timeout_s: float,
+    ) -> StoredBatch:
+        """Write a new batch in status ``validating`` and its ``:api`` hash, and list it.
+
+        The producer's CREATE script later starts this batch over when it enqueues it
+        (it does so for any 'validating' batch); the ``:api`` hash is not touched.
+        """
+        now = await self.now()
+        created = f"{now:.3f}"
+        raw = {
+            "status": "validating",
+            "created_at": created,
+            "endpoint": endpoint,
+            "total": "0",
+            "succeeded": "0",
+            "failed": "0",
+            "retries": "0",
+        }
+        api = {
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": completion_window,
+            "created_at": created,
+            "validate_by": f"{now + validation_timeout_s:.3f}",
+        }
+        if metadata is not None:
+            api["metadata"] = orjson.dumps(metadata).decode()
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.batch(batch_id), mapping=raw)
+            # Until the producer takes it over: a batch nobody validates does not linger.
+            pipe.expire(keys.batch(batch_id), ttl_s)
+            pipe.hset(keys.batch_api(batch_id), mapping=api)
+            # Outlives the batch (whose TTL starts when it ends) by the completion window.
+            pipe.expire(keys.batch_api(batch_id), ttl_s + COMPLETION_WINDOW_S)
+            pipe.zadd(keys.BATCHES, {batch_id: now})
+            await pipe.execute()
+        return StoredBatch(batch_id, raw, {}, api)
+
+    async def fail_validating(
+        self, batch_id: str, *, reason: str, errors: list[dict[str, Any]], ttl_s: int
+    ) -> str:
+        """Mark a 'validating' batch failed with OpenAI-style ``errors``; return the status
+        it has afterwards."""
+        body = orjson.dumps({"object": "list", "data": errors}).decode()
+        status = await self._fail_validating(
+            keys=[
+                keys.batch(batch_id),
+                keys.requests(batch_id),
+                keys.pending(batch_id),
+                keys.BATCHES,
+            ],
+            args=[batch_id, ttl_s, reason, body],
+        )
+        return decode(status)
+
+    async def batches(self, batch_ids: list[str]) -> list[StoredBatch | None]:
+        """The stored hashes of each batch, in one round trip (None: no such batch)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hgetall(keys.batch(batch_id))
+                pipe.hgetall(keys.stats(batch_id))
+                pipe.hgetall(keys.batch_api(batch_id))
+            replies = await pipe.execute()
+        found: list[StoredBatch | None] = []
+        for i, batch_id in enumerate(batch_ids):
+            raw, stats, api = replies[3 * i : 3 * i + 3]
+            found.append(
+                StoredBatch(batch_id, _decoded(raw), _decoded(stats), _decoded(api))
+                if raw
+                else None
+            )
+        return found
+
+    async def batch(self, batch_id: str) -> StoredBatch | None:
+        if not keys.BATCH_ID_RE.match(batch_id):
+            return None
+        return (await self.batches([batch_id]))[0]
+
+    async def batch_ids_after(self, after: str | None, count: int) -> list[str] | None:
+        """Up to ``count`` batch ids, newest first, after ``after`` (None: unknown cursor)."""
+        start = 0
+        if after is not None:
+            rank = await self.redis.zrevrank(keys.BATCHES, after)
+            if rank is None:
+                return None
+            start = int(rank) + 1
+        ids = await self.redis.zrevrange(keys.BATCHES, start, start + count - 1)
+        return [decode(i) for i in ids]

@@ -1,0 +1,577 @@
+"""The HTTP API's edges with aiohttp's test client: bad uploads, unknown ids, missing
+fields, auth, limits, metrics. Every error must come in the OpenAI shape, never as a 500.
+(The happy paths run with the official SDK against a real server in test_api_sdk.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from arq.connections import ArqRedis
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+import promptq.api.intake
+from promptq import Producer, Status
+from promptq.api import create_app
+from promptq.api.auth import is_loopback
+from promptq.api.lane import ChatLane, LaneClosed
+from promptq.api.state import STORE, TASKS
+from promptq.embedded import local_cluster
+from promptq.mock import expected_content
+from promptq.shared import keys
+from promptq.shared.settings import Settings
+
+from .conftest import wait_until, worker_env
+
+TOKEN = "test-token"
+CHAT = "/v1/chat/completions"
+
+
+def line(custom_id: str, content: str = "hello", url: str = CHAT) -> str:
+    body = {"model": "mock-gpt", "messages": [{"role": "user", "content": content}]}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def form(
+    data: bytes, *, purpose: str | None = "batch", filename: str = "in.jsonl"
+) -> aiohttp.FormData:
+    fd = aiohttp.FormData()
+    if purpose is not None:
+        fd.add_field("purpose", purpose)
+    fd.add_field("file", data, filename=filename, content_type="application/jsonl")
+    return fd
+
+
+def api_settings(settings: Settings, **update: Any) -> Settings:
+    return settings.model_copy(update={"api_token": SecretStr(TOKEN), **update})
+
+
+Client = TestClient  # of the API app
+
+
+@pytest.fixture
+async def api(redis: ArqRedis, settings: Settings) -> AsyncIterator[Client]:
+    """The app on a test server (real Redis), limits shrunk to 4 KiB and 5 lines."""
+    app = create_app(api_settings(settings, max_file_bytes=4096, max_lines=5))
+    async with TestClient(TestServer(app), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        yield client
+
+
+async def error_of(resp: aiohttp.ClientResponse, status: int) -> dict[str, Any]:
+    """The OpenAI-shaped error of ``resp``, after checking its status."""
+    text = await resp.text()
+    assert resp.status == status, text
+    assert "Traceback" not in text
+    body = json.loads(text)
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return dict(body["error"])
+
+
+async def upload(api: Client, data: bytes) -> str:
+    resp = await api.post("/v1/files", data=form(data))
+    assert resp.status == 200, await resp.text()
+    return str((await resp.json())["id"])
+
+
+async def create(api: Client, file_id: str, **extra: Any) -> dict[str, Any]:
+    body = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h", **extra}
+    resp = await api.post("/v1/batches", json=body)
+    assert resp.status == 200, await resp.text()
+    return dict(await resp.json())
+
+
+async def settled(api: Client, batch_id: str) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        batch = await (await api.get(f"/v1/batches/{batch_id}")).json()
+        return None if batch["status"] == "validating" else dict(batch)
+
+    result: dict[str, Any] = await wait_until(done, what=f"batch {batch_id} validated")
+    return result
+
+
+# -- uploads -----------------------------------------------------------------------------
+
+
+async def test_upload_stores_the_file_in_redis_whatever_the_field_order(api: Client) -> None:
+    data = f"{line('a')}\n{line('b')}\n".encode()
+    fd = aiohttp.FormData()
+    fd.add_field("file", data, filename="x.jsonl")  # file before purpose
+    fd.add_field("purpose", "batch")
+    resp = await api.post("/v1/files", data=fd)
+    assert resp.status == 200, await resp.text()
+    obj = await resp.json()
+    assert obj["object"] == "file"
+    assert (obj["bytes"], obj["filename"], obj["purpose"]) == (len(data), "x.jsonl", "batch")
+    assert obj["expires_at"] > obj["created_at"] > 0
+    meta = await (await api.get(f"/v1/files/{obj['id']}")).json()
+    assert meta == obj
+    content = await api.get(f"/v1/files/{obj['id']}/content")
+    assert await content.read() == data
+    # stateless: the bytes live in Redis, under promptq: keys
+    assert await api.app[STORE].redis.get(keys.file_content(obj["id"])) == data
+
+
+@pytest.mark.parametrize(
+    ("make", "param", "code"),
+    [
+        (lambda: form(b"x\n", purpose="fine-tune"), "purpose", "invalid_purpose"),
+        (lambda: form(b"x\n", purpose=None), "purpose", None),
+        (lambda: aiohttp.FormData({"purpose": "batch"}, default_to_multipart=True), "file", None),
+        (lambda: form(b""), "file", "empty_file"),
+        (lambda: form(b"a\nb\nc\nd\ne\nf\n"), "file", "too_many_lines"),
+    ],
+    ids=["wrong-purpose", "no-purpose", "no-file", "empty-file", "too-many-lines"],
+)
+async def test_upload_rejects_bad_forms_with_the_field_to_fix(
+    api: Client, make: Any, param: str, code: str | None
+) -> None:
+    error = await error_of(await api.post("/v1/files", data=make()), 400)
+    assert error["param"] == param
+    if code:
+        assert error["code"] == code
+
+
+async def test_upload_rejects_malformed_multipart_and_non_multipart(api: Client) -> None:
+    broken = await api.post(
+        "/v1/files",
+        data=b"this is not multipart at all",
+        headers={"Content-Type": "multipart/form-data; boundary=XYZ"},
+    )
+    assert (await error_of(broken, 400))["code"] == "invalid_multipart"
+    no_boundary = await api.post(
+        "/v1/files", data=b"--\r\n", headers={"Content-Type": "multipart/form-data"}
+    )
+    assert (await error_of(no_boundary, 400))["code"] == "invalid_multipart"
+    as_json = await api.post("/v1/files", json={"file": "x", "purpose": "batch"})
+    error = await error_of(as_json, 400)
+    assert "multipart/form-data" in error["message"]
+
+
+async def test_oversize_upload_is_413(api: Client) -> None:
+    big = (line("a", "x" * 3000) + "\n" + line("b", "y" * 3000) + "\n").encode()
+    error = await error_of(await api.post("/v1/files", data=form(big)), 413)
+    assert error["code"] == "file_too_large"
+    assert "4,096-byte limit" in error["message"]
+    assert not [k async for k in api.app[STORE].redis.scan_iter(match="promptq:file:*")]
+
+
+# -- unknown ids, routes, methods, bodies ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/files/file-0123456789abcdef0123456789abcdef"),
+        ("GET", "/v1/files/not-a-file-id"),
+        ("GET", "/v1/files/file-0123456789abcdef0123456789abcdef/content"),
+        ("GET", "/v1/files/file-out-batch_nope/content"),
+        ("GET", "/v1/files/file-err-batch_nope"),
+        ("GET", "/v1/batches/batch_nope"),
+        ("GET", "/v1/batches/{bad id}"),
+        ("POST", "/v1/batches/batch_nope/cancel"),
+        ("GET", "/v1/batches/batch_nope/results"),
+        ("GET", "/v1/nothing-here"),
+    ],
+)
+async def test_unknown_ids_and_urls_are_404(api: Client, method: str, path: str) -> None:
+    error = await error_of(await api.request(method, path), 404)
+    assert error["type"] == "invalid_request_error"
+
+
+async def test_wrong_method_is_405_in_the_openai_shape(api: Client) -> None:
+    resp = await api.delete("/v1/batches")
+    assert (await error_of(resp, 405))["code"] == "method_not_allowed"
+    assert "GET" in resp.headers["Allow"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"endpoint": CHAT, "completion_window": "24h"}, "input_file_id"),
+        ({"input_file_id": "F", "completion_window": "24h"}, "endpoint"),
+        ({"input_file_id": "F", "endpoint": "/v1/images", "completion_window": "24h"}, "endpoint"),
+        ({"input_file_id": "F", "endpoint": CHAT}, "completion_window"),
+        ({"input_file_id": "F", "endpoint": CHAT, "completion_window": "48h"}, "completion_window"),
+        ({"input_file_id": 7, "endpoint": CHAT, "completion_window": "24h"}, "input_file_id"),
+        (
+            {"input_file_id": "F", "endpoint": CHAT, "completion_window": "24h",
+             "metadata": {f"k{i}": "v" for i in range(17)}},
+            "metadata",
+        ),
+        (
+            {"input_file_id": "F", "endpoint": CHAT, "completion_window": "24h",
+             "metadata": {"k": 1}},
+            "metadata.k",
+        ),
+    ],
+)  # fmt: skip
+async def test_create_batch_names_the_missing_or_bad_field(
+    api: Client, body: dict[str, Any], param: str
+) -> None:
+    file_id = await upload(api, f"{line('a')}\n".encode())
+    body = {k: (file_id if v == "F" else v) for k, v in body.items()}
+    error = await error_of(await api.post("/v1/batches", json=body), 400)
+    assert error["param"] == param
+
+
+async def test_create_batch_from_an_unknown_file_is_404(api: Client) -> None:
+    body = {"input_file_id": "file-" + "0" * 32, "endpoint": CHAT, "completion_window": "24h"}
+    error = await error_of(await api.post("/v1/batches", json=body), 404)
+    assert error["param"] == "input_file_id"
+
+
+@pytest.mark.parametrize("path", ["/v1/batches", CHAT])
+async def test_bodies_that_are_not_json_objects_are_400(api: Client, path: str) -> None:
+    for data in (b"{not json", b"[1, 2]"):
+        resp = await api.post(path, data=data, headers={"Content-Type": "application/json"})
+        assert (await error_of(resp, 400))["code"] == "invalid_json"
+
+
+async def test_list_validates_limit_and_after(api: Client) -> None:
+    for bad in ("0", "101", "ten"):
+        error = await error_of(await api.get("/v1/batches", params={"limit": bad}), 400)
+        assert error["param"] == "limit"
+    error = await error_of(await api.get("/v1/batches", params={"after": "batch_gone"}), 400)
+    assert error["param"] == "after"
+
+
+# -- auth --------------------------------------------------------------------------------
+
+
+async def test_a_missing_or_wrong_token_is_401_but_healthz_is_open(api: Client) -> None:
+    assert api.session is not None
+    url = api.make_url("/v1/batches")
+    async with aiohttp.ClientSession() as anonymous:
+        missing = await anonymous.get(url)
+        assert (await error_of(missing, 401))["code"] == "missing_api_key"
+        assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+        wrong = await anonymous.get(url, headers={"Authorization": "Bearer nope"})
+        assert (await error_of(wrong, 401))["code"] == "invalid_api_key"
+        metrics = await anonymous.get(api.make_url("/metrics"))
+        assert metrics.status == 401
+        health = await anonymous.get(api.make_url("/healthz"))
+        assert (health.status, await health.json()) == (200, {"status": "ok", "redis": "ok"})
+
+
+# -- validation of a batch's input file --------------------------------------------------
+
+
+async def test_an_invalid_input_file_gives_a_failed_batch_naming_the_lines(
+    api: Client, redis: ArqRedis, settings: Settings
+) -> None:
+    data = f'{line("a")}\n{{"prompt": ""}}\nnot json\n{line("a")}\n'.encode()
+    created = await create(api, await upload(api, data), metadata={"team": "x"})
+    assert created["status"] == "validating"
+    batch = await settled(api, created["id"])
+    assert batch["status"] == "failed"
+    assert batch["failed_at"] >= batch["created_at"]
+    assert batch["metadata"] == {"team": "x"}
+    errors = batch["errors"]["data"]
+    assert [(e["line"], e["param"], e["code"]) for e in errors] == [
+        (2, "prompt", "invalid_request"),
+        (3, None, "invalid_json_line"),
+        (4, "custom_id", "duplicate_custom_id"),
+    ]
+    assert all(e["message"].startswith(f"line {e['line']}") for e in errors)
+    # the pipeline sees an ordinary failed batch (promptq status works on it)
+    info = await Producer(redis, settings=settings).batch(created["id"]).info()
+    assert (info.status, info.total) == (Status.FAILED, 0)
+    assert info.reason is not None
+    assert "3 problem(s)" in info.reason
+    assert (await redis.hgetall(keys.batch(created["id"])))[b"endpoint"] == CHAT.encode()
+    listed = await (await api.get("/v1/batches")).json()
+    assert [b["id"] for b in listed["data"]] == [created["id"]]
+
+
+async def test_lines_for_another_endpoint_fail_the_batch(api: Client) -> None:
+    embedding = {"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                 "body": {"model": "m", "input": "x"}}  # fmt: skip
+    file_id = await upload(api, json.dumps(embedding).encode() + b"\n")
+    batch = await settled(api, (await create(api, file_id))["id"])
+    assert batch["status"] == "failed"
+    [error] = batch["errors"]["data"]
+    assert (error["line"], error["param"]) == (1, "url")
+    assert "/v1/embeddings" in error["message"]
+
+
+@pytest.mark.parametrize("before_enqueue", [True, False])
+async def test_a_batch_cancelled_while_validating_ends_cancelled(
+    api: Client, settings: Settings, monkeypatch: pytest.MonkeyPatch, before_enqueue: bool
+) -> None:
+    parsing = threading.Event()
+    if before_enqueue:  # hold the validation until the cancel is done
+        parse = promptq.api.intake.parse_jsonl
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            parsing.wait(timeout=10)
+            return parse(*args, **kwargs)
+
+        monkeypatch.setattr(promptq.api.intake, "parse_jsonl", held)
+    async with local_cluster(settings, workers=1):
+        file_id = await upload(api, "".join(f"{line(f'q{i}')}\n" for i in range(5)).encode())
+        created = await create(api, file_id)
+        cancel = await api.post(f"/v1/batches/{created['id']}/cancel")
+        parsing.set()
+        assert cancel.status == 200
+        assert (await cancel.json())["status"] in ("cancelling", "cancelled")
+
+        async def validation_over() -> bool:
+            return not api.app[TASKS]
+
+        await wait_until(validation_over, what="the validation task to end")
+
+        async def cancelled() -> dict[str, Any] | None:
+            batch = await (await api.get(f"/v1/batches/{created['id']}")).json()
+            return dict(batch) if batch["status"] == "cancelled" else None
+
+        batch = await wait_until(cancelled, what="the batch to be cancelled")
+    counts = batch["request_counts"]
+    assert counts["total"] == (0 if before_enqueue else 5)
+    assert counts["completed"] + counts["failed"] == counts["total"]
+
+
+async def test_a_batch_whose_validation_died_is_failed_on_read(api: Client) -> None:
+    store = api.app[STORE]
+    file_id = await upload(api, f"{line('a')}\n".encode())
+    await store.create_validating(
+        "batch_orphan",
+        endpoint=CHAT,
+        input_file_id=file_id,
+        completion_window="24h",
+        metadata=None,
+        ttl_s=60,
+        validation_timeout_s=0.001,  # the replica that took it "died"
+    )
+
+    async def failed() -> dict[str, Any] | None:
+        batch = await (await api.get("/v1/batches/batch_orphan")).json()
+        return dict(batch) if batch["status"] == "failed" else None
+
+    batch = await wait_until(failed, timeout_s=5, what="the orphaned batch to fail")
+    assert "create the batch again" in batch["errors"]["data"][0]["message"]
+
+
+# -- results, chat, health and metrics ---------------------------------------------------
+
+
+async def test_results_follow_streams_every_line_until_the_batch_ends(
+    api: Client, settings: Settings
+) -> None:
+    async with local_cluster(settings, workers=1) as producer:
+        batch = await producer.submit([f"p{i}" for i in range(20)])
+        resp = await api.get(f"/v1/batches/{batch.id}/results", params={"follow": "true"})
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/x-ndjson")
+        lines = [json.loads(x) async for x in resp.content if x.strip()]
+        info = await batch.info()
+    assert info.status is Status.COMPLETED  # the stream ended with the batch
+    assert sorted(r["custom_id"] for r in lines) == sorted(f"line-{i}" for i in range(1, 21))
+    again = await api.get(f"/v1/batches/{batch.id}/results")
+    assert len((await again.text()).splitlines()) == 20
+    error = await error_of(await api.get(f"/v1/batches/{batch.id}/results?follow=maybe"), 400)
+    assert error["param"] == "follow"
+
+
+async def test_chat_refuses_stream_and_invalid_messages_before_queueing(
+    api: Client, redis: ArqRedis
+) -> None:
+    streamed = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    error = await error_of(await api.post(CHAT, json=streamed), 400)
+    assert (error["param"], error["code"]) == ("stream", "unsupported_parameter")
+    error = await error_of(await api.post(CHAT, json={"model": "m", "messages": []}), 400)
+    assert error["param"] == "messages"
+    assert await redis.zcard(keys.QUEUE) == 0
+
+
+async def test_healthz_is_503_when_redis_does_not_answer(
+    api: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def down() -> None:
+        raise RedisConnectionError("connection refused")
+
+    monkeypatch.setattr(api.app[STORE].redis, "ping", down)
+    error = await error_of(await api.get("/healthz"), 503)
+    assert error["code"] == "redis_unavailable"
+
+
+async def test_unexpected_errors_are_500_with_a_generic_message(
+    api: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(batch_ids: list[str]) -> None:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(api.app[STORE], "batches", broken)
+    error = await error_of(await api.get("/v1/batches/batch_x"), 500)
+    assert error["type"] == "server_error"
+    assert "secret" not in error["message"]
+    assert "secret internals" in caplog.text  # logged server-side, with the traceback
+
+
+async def test_metrics_report_workers_queue_batches_and_latency(
+    api: Client, redis: ArqRedis, settings: Settings
+) -> None:
+    producer = Producer(redis, settings=settings)
+    await producer.submit([f"p{i}" for i in range(7)])  # no worker: all 7 stay queued
+    await redis.zadd(keys.WORKERS, {"w1": 9e9})
+    await redis.hset(
+        keys.worker("w1"), mapping={"in_flight": 3, "done": 10, "failed": 2, "retries": 4}
+    )
+    await redis.hset(
+        keys.METRICS_LATENCY, mapping={"50": 2, "250": 3, "+Inf": 1, "sum": 91000, "count": 6}
+    )
+    resp = await api.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(await resp.text())
+        for s in family.samples
+    }
+    assert samples[("promptq_workers", ())] == 1
+    assert samples[("promptq_requests_queued", ())] == 7
+    assert samples[("promptq_requests_in_flight", ())] == 3
+    assert samples[("promptq_requests_completed_total", (("worker", "w1"),))] == 10
+    assert samples[("promptq_requests_failed_total", (("worker", "w1"),))] == 2
+    assert samples[("promptq_request_retries_total", (("worker", "w1"),))] == 4
+    assert samples[("promptq_batches", (("status", "queued"),))] == 1
+    bucket = "promptq_request_latency_seconds_bucket"
+    assert samples[(bucket, (("le", "0.05"),))] == 2
+    assert samples[(bucket, (("le", "0.1"),))] == 2
+    assert samples[(bucket, (("le", "0.25"),))] == 5
+    assert samples[(bucket, (("le", "+Inf"),))] == 6
+    assert samples[("promptq_request_latency_seconds_count", ())] == 6
+    assert samples[("promptq_request_latency_seconds_sum", ())] == 91
+
+
+async def test_metrics_with_nothing_in_redis_is_an_empty_histogram(api: Client) -> None:
+    text = await (await api.get("/metrics")).text()
+    assert 'promptq_request_latency_seconds_bucket{le="+Inf"} 0.0' in text
+    assert "promptq_workers 0.0" in text
+
+
+async def test_virtual_result_files_split_successes_and_failures(
+    api: Client, settings: Settings
+) -> None:
+    async with local_cluster(settings, workers=1) as producer:
+        batch = await producer.submit(["fine", "broken [[mock status=400]]", "also fine"])
+        await batch.wait(timeout_s=20)
+    out = await api.get(f"/v1/files/file-out-{batch.id}/content")
+    err = await api.get(f"/v1/files/file-err-{batch.id}/content")
+    ok_lines = [json.loads(x) for x in (await out.text()).splitlines()]
+    bad_lines = [json.loads(x) for x in (await err.text()).splitlines()]
+    assert sorted(r["custom_id"] for r in ok_lines) == ["line-1", "line-3"]
+    assert [r["custom_id"] for r in bad_lines] == ["line-2"]
+    assert bad_lines[0]["response"]["status_code"] == 400
+    meta = await (await api.get(f"/v1/files/file-out-{batch.id}")).json()
+    assert meta["bytes"] == len(await out.read())
+    assert meta["purpose"] == "batch_output"
+    obj = await (await api.get(f"/v1/batches/{batch.id}")).json()
+    assert (obj["output_file_id"], obj["error_file_id"]) == (
+        f"file-out-{batch.id}",
+        f"file-err-{batch.id}",
+    )
+    assert obj["input_file_id"] == ""  # created with the Python API, not from a file
+
+
+# -- promptq serve -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+     ("10.0.0.5", False), ("api.example.com", False)],
+)  # fmt: skip
+def test_only_loopback_hosts_count_as_local(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+async def test_serve_refuses_a_public_address_without_a_token(settings: Settings) -> None:
+    env = worker_env(settings)  # no PROMPTQ_API_TOKEN
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "promptq", "serve", "--host", "0.0.0.0", "--port", "1"),
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+    )
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    assert "PROMPTQ_API_TOKEN" in err.decode()
+    assert "--insecure-no-auth" in err.decode()
+
+
+# -- the chat lane -----------------------------------------------------------------------
+
+
+async def test_concurrent_chat_requests_share_a_batch_and_get_their_own_answers(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    async with local_cluster(settings, workers=1) as producer:
+        lane = ChatLane(producer)
+        bodies = [
+            {"model": "mock-gpt", "messages": [{"role": "user", "content": f"question {i}"}]}
+            for i in range(30)
+        ]
+        requests = [lane.validate(body) for body in bodies]
+        try:
+            answers = await asyncio.gather(*(lane.send(r, timeout_s=20) for r in requests))
+        finally:
+            await lane.close()
+    assert len({batch_id for _line, batch_id in answers}) == 1  # enqueued together
+    for body, request, (line, _batch_id) in zip(bodies, requests, answers, strict=True):
+        assert line["custom_id"] == request.custom_id
+        content = line["response"]["body"]["choices"][0]["message"]["content"]
+        assert content == expected_content(body)
+    assert await redis.zcard(keys.BATCHES) == 0  # not listed once answered
+
+
+async def test_the_chat_lane_caps_batches_in_flight(redis: ArqRedis, settings: Settings) -> None:
+    def body(text: str) -> dict[str, Any]:
+        return {"model": "mock-gpt", "messages": [{"role": "user", "content": text}]}
+
+    async with local_cluster(settings, workers=1) as producer:
+        lane = ChatLane(producer, max_batches=1)
+        try:
+            slow = asyncio.create_task(
+                lane.send(lane.validate(body("slow [[mock latency_ms=400]]")), timeout_s=20)
+            )
+            await wait_until(lambda: redis.keys("promptq:batch:{chat_*}"), what="a chat batch")
+            # while the slow one is in flight, the next ones wait and then go together
+            second = asyncio.create_task(lane.send(lane.validate(body("a")), timeout_s=20))
+
+            async def second_waits() -> bool:
+                return lane.queued == 1
+
+            await wait_until(second_waits, what="the second request to wait its turn")
+            third = asyncio.create_task(lane.send(lane.validate(body("b")), timeout_s=20))
+            (_, first_batch), (_, b2), (_, b3) = await asyncio.gather(slow, second, third)
+        finally:
+            await lane.close()
+    assert b2 == b3 != first_batch
+
+
+async def test_closing_the_chat_lane_answers_whoever_still_waits(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    lane = ChatLane(Producer(redis, settings=settings))  # no worker: nothing gets answered
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    waiting = asyncio.create_task(lane.send(lane.validate(body), timeout_s=20))
+
+    async def enqueued() -> bool:
+        return int(await redis.zcard(keys.QUEUE)) > 0
+
+    await wait_until(enqueued, what="the chat request to be enqueued")
+    await lane.close()
+    with pytest.raises(LaneClosed):
+        await waiting
