@@ -21,6 +21,8 @@ from promptq.embedded import local_cluster
 from promptq.producer import Batch, Producer, parse_file
 from promptq.shared import keys
 from promptq.shared.connection import connect
+from promptq.shared.errors import BatchNotFound
+from promptq.shared.models import Status
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings, redact_url
 
@@ -163,7 +165,12 @@ async def run_batch(
     workers: int,
     batch_id: str | None,
 ) -> int:
-    """Validate, enqueue, process and write one batch; return the number of failures."""
+    """Validate, enqueue, process and write one batch; return the number of failures.
+
+    With Redis and a ``batch_id`` that exists (a run that crashed, same input), the
+    batch is resumed: nothing is enqueued twice, and every result, those finished
+    before included, is written. Other requests under that id: ``BatchError``.
+    """
     parsed = parse_file(input_path, settings=settings)  # bad input: exit before any setup
     total = len(parsed.requests)
     async with contextlib.AsyncExitStack() as stack:
@@ -180,8 +187,21 @@ async def run_batch(
                 await stack.enter_async_context(worker_processes(settings, workers))
                 await _wait_for_workers(producer, settings, workers)
             mode = f"Redis {redact_url(settings.redis_url)}, {workers} local worker process(es)"
-        batch = await producer.submit(parsed, batch_id=batch_id)
-        display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")
+        # Resuming needs a Redis that outlived the crash; in embedded mode the id just
+        # names a new batch.
+        resume = batch_id is not None and settings.redis_url is not None
+        before = None
+        if resume:
+            with contextlib.suppress(BatchNotFound):
+                before = await producer.batch(str(batch_id)).info(with_stats=False)
+        batch = await producer.submit(parsed, batch_id=batch_id, resume=resume)
+        if before is not None and before.status is not Status.VALIDATING:
+            display.err_console.print(
+                f"batch {batch.id}: resuming it ({before.status.value}), {before.done:,} of "
+                f"{total:,} requests already done; nothing is sent twice ({mode})"
+            )
+        else:
+            display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")
         with ResultFiles(output, errors_out) as files:
             await follow(batch, files, total=total, label=batch.id[:20])
         stats = await batch.wait()

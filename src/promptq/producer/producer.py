@@ -10,6 +10,8 @@ async with Producer.from_url("redis://localhost:6379") as producer:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -17,15 +19,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import orjson
 from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
 from promptq.producer.parsing import ParsedBatch, parse_items, parse_jsonl
 from promptq.shared import keys, serialization
-from promptq.shared.connection import connect
-from promptq.shared.errors import BatchError, BatchExists, BatchNotFound, InputError, LineError
-from promptq.shared.lifecycle import CANCELLED_CODE, CANCELLED_MESSAGE, stop_batch
+from promptq.shared.connection import REDIS_DOWN, connect, redis_health
+from promptq.shared.errors import (
+    BatchError,
+    BatchExists,
+    BatchNotFound,
+    InputError,
+    LineError,
+    RedisUnavailable,
+)
+from promptq.shared.lifecycle import (
+    CANCELLED_CODE,
+    CANCELLED_MESSAGE,
+    enqueue_aggregate,
+    enqueue_ticket,
+    stop_batch,
+)
 from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, Status
 from promptq.shared.scripts import Scripts, decode
 from promptq.shared.settings import Settings
@@ -36,10 +52,29 @@ WRITE_CHUNK = 2000
 MAX_TICKETS = 16
 #: a ticket not started within this time is dropped by arq (the batch is long dead)
 TICKET_EXPIRES_MS = 7 * 24 * 3600 * 1000
+#: a follower (as_completed, wait) rides out a Redis restart for up to this long
+FOLLOW_RECONNECT_S = 120.0
+#: statuses of a batch that ``submit(resume=True)`` follows instead of enqueueing again
+_RESUMABLE = frozenset(
+    {"queued", "in_progress", "finalizing", "completed", "cancelling", "cancelled", "failed"}
+)
+
+logger = logging.getLogger(__name__)
 
 
 def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
+
+
+def fingerprint(parsed: ParsedBatch) -> str:
+    """A digest of what a batch asks for: its endpoint and every (custom_id, body) pair,
+    in custom_id order (line order does not matter). Stored in the batch hash, so that a
+    resumed run can check it was given the same input."""
+    digest = hashlib.sha256(parsed.endpoint.encode())
+    for request in sorted(parsed.requests, key=lambda r: r.custom_id):
+        digest.update(b"\0" + request.custom_id.encode() + b"\0")
+        digest.update(orjson.dumps(request.body, option=orjson.OPT_SORT_KEYS))
+    return f"sha256:{digest.hexdigest()}"
 
 
 def parse_file(path: str | Path, *, settings: Settings) -> ParsedBatch:
@@ -109,23 +144,36 @@ class Producer:
         *,
         batch_id: str | None = None,
         priority: Priority | str = Priority.BULK,
+        resume: bool = False,
     ) -> Batch:
         """Validate ``items`` (prompts or request dicts) and enqueue them as one batch.
 
         Raises ``InputError`` listing every bad item before anything is enqueued, and
         ``BatchExists`` if ``batch_id`` is taken.
+
+        ``resume=True`` (needs ``batch_id``) picks up a batch submitted earlier from the
+        same items, e.g. by a run that crashed: if ``batch_id`` exists (queued, running
+        or finished) and holds exactly these requests, nothing is enqueued again and the
+        existing batch is returned (with a fresh claim ticket if it is still running, in
+        case every worker died); if it holds other requests, ``BatchError``. A batch
+        still ``validating`` (its producer died while enqueueing) or absent is submitted
+        anew.
         """
         parsed = (
             items
             if isinstance(items, ParsedBatch)
             else parse_items(items, default_model=self.settings.model)
         )
+        if resume and batch_id is None:
+            raise ValueError("resume=True needs the batch_id to resume")
         batch_id = batch_id or new_batch_id()
         if not keys.BATCH_ID_RE.match(batch_id):
             raise InputError(
                 "--batch-id",
                 [LineError(0, "batch_id", "use 1-64 letters, digits, '_' or '-'")],
             )
+        if resume and await self._resume(parsed, batch_id):
+            return Batch(self, batch_id)
         await self._enqueue(parsed, batch_id, Priority(priority))
         return Batch(self, batch_id)
 
@@ -135,10 +183,11 @@ class Producer:
         *,
         batch_id: str | None = None,
         priority: Priority | str = Priority.BULK,
+        resume: bool = False,
     ) -> Batch:
-        """Validate a JSONL file whole, then enqueue it."""
+        """Validate a JSONL file whole, then enqueue it (``resume``: see ``submit``)."""
         parsed = self.parse_file(path)
-        return await self.submit(parsed, batch_id=batch_id, priority=priority)
+        return await self.submit(parsed, batch_id=batch_id, priority=priority, resume=resume)
 
     def parse_file(self, path: str | Path) -> ParsedBatch:
         return parse_file(path, settings=self.settings)
@@ -157,6 +206,8 @@ class Producer:
                     parsed.endpoint,
                     "priority",
                     priority.value,
+                    "fingerprint",
+                    fingerprint(parsed),
                 ],
             )
         )
@@ -199,6 +250,42 @@ class Producer:
         flipped, detail = replies[0]
         if int(flipped) != 1:
             raise BatchError(f"batch {batch_id} could not be queued: {decode(detail)}")
+
+    async def _resume(self, parsed: ParsedBatch, batch_id: str) -> bool:
+        """Take up an existing batch with the same requests; False if there is none to
+        take up (absent, or left 'validating' by a producer that died enqueueing it)."""
+        raw: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+            keys.batch(batch_id), ["status", "fingerprint", "endpoint", "priority", "total"]
+        )
+        status, stored, endpoint, priority, total = (None if v is None else decode(v) for v in raw)
+        if status is None or status == "validating":
+            return False
+        if status not in _RESUMABLE:
+            raise BatchExists(batch_id, status)
+        if stored is not None:
+            same = stored == fingerprint(parsed)
+        else:  # submitted by an older promptq: compare the custom_ids at least
+            ids = {decode(c) async for c in self.redis.hscan_iter(keys.requests(batch_id))}
+            same = total == str(len(parsed.requests)) and ids == {
+                r.custom_id for r in parsed.requests
+            }
+        if not same:
+            raise BatchError(
+                f"batch '{batch_id}' exists ({status}, {total} requests) but was submitted "
+                f"from other requests than these {len(parsed.requests)} (custom_ids, bodies "
+                "or default model differ); resume it with the same input, or choose "
+                "another --batch-id"
+            )
+        if status in ("queued", "in_progress"):
+            # Its tickets may have died with every worker: one more is harmless (a
+            # ticket for a batch with nothing left to claim just ends).
+            await enqueue_ticket(self.redis, batch_id, endpoint or "", priority or "bulk")
+        elif status == "finalizing":
+            # the worker that finished it may have died before enqueueing this (fixed id:
+            # arq keeps one)
+            await enqueue_aggregate(self.redis, batch_id)
+        logger.info("resuming batch %s (%s)", batch_id, status)
+        return True
 
     async def _ticket_count(self, total: int) -> int:
         """One ticket per live worker (at least one): each circulates until the batch's
@@ -263,36 +350,52 @@ class Batch:
             yield Result.model_validate_json(raw)
 
     async def as_completed_raw(self, *, block_ms: int = 1000) -> AsyncIterator[bytes]:
-        """Like ``as_completed`` but yields the stored JSON lines unparsed (fast export)."""
+        """Like ``as_completed`` but yields the stored JSON lines unparsed (fast export).
+
+        Rides out a Redis restart: it reconnects with backoff (for up to
+        ``FOLLOW_RECONNECT_S``, then ``RedisUnavailable``) and carries on where it was.
+        """
         events = keys.events(self.id)
         last = "0-0"
+        reconnect = _Reconnect(f"following batch {self.id}")
         while True:
-            reply = await self._redis.xread({events: last}, count=1000, block=block_ms)
-            if not reply:
-                info = await self.info(with_stats=False)
-                # A failed batch (or one whose stream expired) has no end marker to wait for.
-                if info.status.terminal and (
-                    info.status is Status.FAILED or not await self._redis.exists(events)
-                ):
-                    return
+            try:
+                last, values, ended = await self._read_events(events, last, block_ms)
+            except REDIS_DOWN as exc:
+                await reconnect.after(exc)
                 continue
-            ended = False
-            ids: list[bytes] = []
-            for entry_id, fields in reply[0][1]:
-                last = decode(entry_id)
-                if b"c" in fields:
-                    ids.append(fields[b"c"])
-                elif b"end" in fields:
-                    ended = True
-            if ids:
-                values: list[bytes | None] = await self._redis.hmget(  # type: ignore[misc]
-                    keys.results(self.id), ids
-                )
-                for value in values:
-                    if value is not None:
-                        yield value
+            reconnect.ok()
+            for value in values:
+                yield value
             if ended:
                 return
+
+    async def _read_events(
+        self, events: str, last: str, block_ms: int
+    ) -> tuple[str, list[bytes], bool]:
+        """One step of following: (the last event id read, result lines, batch ended)."""
+        reply = await self._redis.xread({events: last}, count=1000, block=block_ms)
+        if not reply:
+            info = await self.info(with_stats=False)
+            # A failed batch (or one whose stream expired) has no end marker to wait for.
+            ended = info.status.terminal and (
+                info.status is Status.FAILED or not await self._redis.exists(events)
+            )
+            return last, [], ended
+        ended = False
+        ids: list[bytes] = []
+        for entry_id, fields in reply[0][1]:
+            last = decode(entry_id)
+            if b"c" in fields:
+                ids.append(fields[b"c"])
+            elif b"end" in fields:
+                ended = True
+        if not ids:
+            return last, [], ended
+        values: list[bytes | None] = await self._redis.hmget(  # type: ignore[misc]
+            keys.results(self.id), ids
+        )
+        return last, [v for v in values if v is not None], ended
 
     async def results(self) -> AsyncIterator[Result]:
         """Every result recorded so far (any order), without waiting."""
@@ -331,19 +434,54 @@ class Batch:
         Blocks on the batch's event stream rather than polling. A batch that promptq
         stopped early (fatal upstream answer, failure rate) returns its stats too; check
         ``info().status`` and ``info().reason``. Raises ``TimeoutError`` after
-        ``timeout_s`` seconds, ``BatchError`` if the batch failed without running.
+        ``timeout_s`` seconds, ``BatchError`` if the batch failed without running. Rides
+        out a Redis restart like ``as_completed``.
         """
+        reconnect = _Reconnect(f"waiting for batch {self.id}")
         async with asyncio.timeout(timeout_s):
             events = keys.events(self.id)
             while True:
-                tail = await self._redis.xrevrange(events, count=1)
-                info = await self.info()
-                if info.status.terminal:
-                    if info.stats is not None:
-                        # a batch that ran, even if it was stopped (see info.reason)
-                        return info.stats
-                    if info.status is Status.FAILED:  # never ran: rejected input
-                        raise BatchError(f"batch {self.id} failed: {info.reason or 'unknown'}")
-                    return BatchStats()
-                last = decode(tail[0][0]) if tail else "0-0"
-                await self._redis.xread({events: last}, count=1, block=1000)
+                try:
+                    tail = await self._redis.xrevrange(events, count=1)
+                    info = await self.info()
+                    if info.status.terminal:
+                        if info.stats is not None:
+                            # a batch that ran, even if it was stopped (see info.reason)
+                            return info.stats
+                        if info.status is Status.FAILED:  # never ran: rejected input
+                            raise BatchError(f"batch {self.id} failed: {info.reason or 'unknown'}")
+                        return BatchStats()
+                    last = decode(tail[0][0]) if tail else "0-0"
+                    await self._redis.xread({events: last}, count=1, block=1000)
+                except REDIS_DOWN as exc:
+                    await reconnect.after(exc)
+                    continue
+                reconnect.ok()
+
+
+class _Reconnect:
+    """Backoff for a loop that follows a batch while Redis is down (restarting, failing
+    over): up to 1 s between tries, ``RedisUnavailable`` after ``FOLLOW_RECONNECT_S``."""
+
+    def __init__(self, doing: str) -> None:
+        self.doing = doing
+        self.delay_s = 0.0
+        self.since: float | None = None
+
+    async def after(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self.since is None:
+            self.since = now
+        elif now - self.since > FOLLOW_RECONNECT_S:
+            raise RedisUnavailable(
+                f"Redis unreachable for over {FOLLOW_RECONNECT_S:.0f} s while {self.doing}: {exc}"
+            ) from exc
+        redis_health.failed(exc, doing=self.doing)
+        self.delay_s = min(max(self.delay_s * 2, 0.1), 1.0)
+        await asyncio.sleep(self.delay_s)
+
+    def ok(self) -> None:
+        if self.since is not None:
+            self.since = None
+            self.delay_s = 0.0
+            redis_health.ok()

@@ -2,6 +2,12 @@
 
 Both give an ``ArqRedis`` client (a ``redis.asyncio.Redis``) that serializes arq jobs
 as JSON and uses promptq's queue, so producer, worker and CLI share one code path.
+
+Redis restarts: redis-py retries a command whose connection broke (about 3 s of
+backoff), but a command that needs a new connection while Redis is down fails at once.
+Loops that must outlive a restart (the worker's poll, heartbeat and result flush, the
+producer's followers) catch ``REDIS_DOWN``, back off, and report to ``redis_health``,
+which logs one warning line when an outage starts and one line when it ends.
 """
 
 from __future__ import annotations
@@ -24,6 +30,71 @@ from promptq.shared.settings import redact_url
 
 logger = logging.getLogger(__name__)
 
+#: what a Redis outage (restart, failover, network cut) looks like to a client; redis-py
+#: wraps socket errors in these (and BusyLoadingError, Redis replaying its AOF, is one)
+REDIS_DOWN: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError)
+
+
+def is_redis_outage(exc: BaseException) -> bool:
+    """True for ``REDIS_DOWN`` errors and errors raised because of one (redis-py turns a
+    connection lost during WATCH into a ``WatchError``, for one)."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, REDIS_DOWN):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class RedisHealth:
+    """This process's view of Redis: one warning when an outage starts, one line when
+    it ends, however many loops notice it.
+
+    ``failed()`` after a command failed with one of ``REDIS_DOWN``, ``ok()`` after one
+    succeeded. ``disruptions`` counts failures and redis-py's transparent retries: a
+    worker that sees it move checks its claims (a claim whose reply was lost, then
+    retried, took requests nobody runs).
+    """
+
+    def __init__(self) -> None:
+        self.down_since: float | None = None
+        self.disruptions = 0
+
+    def failed(self, exc: BaseException, *, doing: str) -> None:
+        self.disruptions += 1
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            logger.warning(
+                "Redis unreachable while %s (%s); retrying with backoff until it answers",
+                doing,
+                str(exc).rstrip(".") or type(exc).__name__,
+            )
+        else:
+            logger.debug("Redis still unreachable while %s: %s", doing, exc)
+
+    def ok(self) -> None:
+        if self.down_since is not None:
+            logger.info(
+                "Redis answers again after %.1f s; carrying on",
+                time.monotonic() - self.down_since,
+            )
+            self.down_since = None
+
+
+#: one per process (every client of a process talks to the same Redis)
+redis_health = RedisHealth()
+
+
+class _CountingBackoff(ExponentialBackoff):
+    """redis-py's exponential backoff that tells ``redis_health`` about each retry."""
+
+    def compute(self, failures: int) -> float:
+        redis_health.disruptions += 1
+        return super().compute(failures)
+
+
 _CLIENT_KW: dict[str, Any] = {
     "job_serializer": serialization.job_serializer,
     "job_deserializer": serialization.job_deserializer,
@@ -43,7 +114,7 @@ async def connect(url: str, *, wait_s: float = 10.0, max_connections: int = 64) 
         socket_connect_timeout=5,
         health_check_interval=30,
         # Transparent reconnects for single commands during a Redis restart.
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=5),
+        retry=Retry(_CountingBackoff(cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = _owning(ArqRedis(pool, **_CLIENT_KW))
@@ -57,11 +128,12 @@ async def connect(url: str, *, wait_s: float = 10.0, max_connections: int = 64) 
             if time.monotonic() + delay > deadline:
                 await client.aclose()
                 raise RedisUnavailable(
-                    f"cannot reach Redis at {redact_url(url)}: {exc}. Start one "
-                    "(e.g. `redis-server` or `docker compose up -d redis`) or point "
-                    "PROMPTQ_REDIS_URL / --redis-url at yours."
+                    f"cannot reach Redis at {redact_url(url)}: {str(exc).rstrip('.')}. "
+                    "Start one (e.g. `redis-server` or `docker compose up -d redis`) or "
+                    "point PROMPTQ_REDIS_URL / --redis-url at yours."
                 ) from exc
-            logger.warning("Redis at %s not answering (%s); retrying", redact_url(url), exc)
+            if delay == 0.1:  # once: the final error says it all
+                logger.warning("Redis at %s not answering (%s); retrying", redact_url(url), exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 

@@ -34,6 +34,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from promptq.shared import keys, serialization
+from promptq.shared.connection import REDIS_DOWN, is_redis_outage, redis_health
 from promptq.shared.errors import UpstreamError
 from promptq.shared.lifecycle import (
     CANCELLED_CODE,
@@ -303,20 +304,24 @@ class Dispatcher:
                     args=[pending.count, *pending.args],
                 )
             except Exception as exc:  # Redis down: keep the results, try again
-                logger.warning(
-                    "could not record %d result(s) of batch %s (%s); retrying in %.1fs",
-                    pending.count,
-                    batch_id,
-                    exc,
-                    delay,
-                )
+                if is_redis_outage(exc):  # one line per outage, not per retry
+                    redis_health.failed(exc, doing=f"recording results of {batch_id}")
+                else:
+                    logger.warning(
+                        "could not record %d result(s) of batch %s (%s); retrying in %.1fs",
+                        pending.count,
+                        batch_id,
+                        exc,
+                        delay,
+                    )
                 merged = self._buffer.setdefault(batch_id, _Pending())
                 merged.args[:0] = pending.args
                 merged.count += pending.count
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)
                 continue
             delay = 0.05
+            redis_health.ok()
             if int(final):
                 await self._enqueue_aggregate(batch_id)
             elif int(too_many_failures) and batch_id not in self._stopped:
@@ -348,6 +353,10 @@ class Dispatcher:
             try:
                 await enqueue_aggregate(self.redis, batch_id)
                 return
+            except REDIS_DOWN as exc:
+                redis_health.failed(exc, doing=f"enqueueing the aggregator of {batch_id}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
             except Exception as exc:
                 logger.warning(
                     "could not enqueue the aggregator of %s (%s); retrying in %.1fs",
@@ -407,15 +416,83 @@ class Dispatcher:
             await self._resume(batch_id, decode(status or b""))
 
     async def _heartbeat_loop(self) -> None:
+        checked = redis_health.disruptions  # Redis trouble up to here is none of ours
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
                 await self._beat()
+                redis_health.ok()
+                if redis_health.disruptions != checked:
+                    seen = redis_health.disruptions
+                    if await self._recheck_batches():
+                        checked = seen
                 await self.reap_dead_workers()
                 if self.fetcher.limiter is not None and not self.fetcher.limiter.enforcing:
                     await self.fetcher.limiter.refresh()
+            except REDIS_DOWN as exc:  # one line per outage; the next beat tries again
+                redis_health.failed(exc, doing="sending the heartbeat")
             except Exception as exc:
                 logger.warning("heartbeat failed: %s", exc)
+
+    def _quiet(self) -> bool:
+        """No claim and no result write on the wire: every request this worker holds
+        in a batch's ``:inflight`` hash is then in ``_tasks`` (or already recorded)."""
+        return self.claimed == len(self._tasks) and self._flushed.is_set()
+
+    async def _recheck_batches(self) -> bool:
+        """After Redis trouble (an outage, or a command redis-py retried): make sure no
+        request of a batch this worker took from is stranded.
+
+        * A claim whose reply was lost (then retried, or failed) marked requests as this
+          worker's that it never started: they go back to the batch's queue.
+        * A claim ticket that failed with Redis is gone: the batch gets a new one (an
+          extra ticket is harmless). A batch left ``finalizing`` gets its aggregator
+          job again (fixed id; the job does nothing twice).
+        * Dead-worker recovery must still find this worker's batches.
+
+        Returns False when a claim or a result write was on the wire (then the check
+        of stranded requests cannot tell them apart): the next heartbeat tries again.
+        """
+        complete = True
+        for batch_id in list(self._batches_seen):
+            raw: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+                keys.batch(batch_id), ["status"]
+            )
+            status = decode(raw[0]) if raw[0] is not None else ""
+            if status == "finalizing":
+                await self._enqueue_aggregate(batch_id)
+            if status not in ("queued", "in_progress", "cancelling"):
+                self._batches_seen.discard(batch_id)  # finished: nothing to look after
+                continue
+            await self.redis.sadd(keys.worker_batches(self.worker_id), batch_id)  # type: ignore[misc]
+            if not self._quiet():
+                complete = False
+                continue
+            owners: dict[bytes, bytes] = await self.redis.hgetall(  # type: ignore[misc]
+                keys.inflight(batch_id)
+            )
+            if not self._quiet():  # a claim started meanwhile: look again next beat
+                complete = False
+                continue
+            running = {cid for b, cid in self._tasks.values() if b == batch_id}
+            me = self.worker_id.encode()
+            stranded = [
+                decode(cid)
+                for cid, owner in owners.items()
+                if owner == me and decode(cid) not in running
+            ]
+            if stranded:
+                released = await self.scripts.release(
+                    keys=[keys.pending(batch_id), keys.inflight(batch_id), keys.results(batch_id)],
+                    args=stranded,
+                )
+                logger.warning(
+                    "batch %s: handed back %s request(s) claimed while Redis was unreachable",
+                    batch_id,
+                    released,
+                )
+            await self._resume(batch_id, status)
+        return complete
 
     async def reap_dead_workers(self) -> int:
         """Give the unfinished requests of workers whose heartbeat expired back to their

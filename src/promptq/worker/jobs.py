@@ -38,7 +38,8 @@ async def aggregate(ctx: dict[str, Any], batch_id: str) -> str:
     last = float(raw.get("last_result_at") or created)
     stats = compute_stats(results, wall_s=max(last - created, 0.0))
     fields = [item for pair in stats.to_redis().items() for item in pair]
-    ttl_s: int = ctx["result_ttl_s"]
+    # a batch may keep its results for less (the HTTP chat lane: minutes, not days)
+    ttl_s = int(raw.get("result_ttl_s") or ctx["result_ttl_s"])
     final = decode(
         await scripts.finish(
             keys=[

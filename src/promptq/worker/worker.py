@@ -25,7 +25,7 @@ from arq import Worker
 from arq.connections import ArqRedis
 
 from promptq.shared import keys, serialization
-from promptq.shared.connection import connect
+from promptq.shared.connection import connect, is_redis_outage, redis_health
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.scripts import Scripts
 from promptq.shared.settings import Settings, redact_url
@@ -35,6 +35,23 @@ from promptq.worker.fetch import Fetcher
 from promptq.worker.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
+
+
+class _RedisOutageInOneLine(logging.Filter):
+    """arq logs a job that raised with its traceback. When the cause is a Redis outage
+    (a ticket caught by a restart), one line says enough; the dispatcher re-checks its
+    batches once Redis answers again (``redis_health.disruptions``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_redis_outage(exc):
+            record.exc_info = None
+            record.exc_text = None
+            redis_health.disruptions += 1
+        return True
+
+
+logging.getLogger("arq.worker").addFilter(_RedisOutageInOneLine())
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -149,15 +166,27 @@ class PromptqWorker(Worker):
         dispatcher.on_capacity = self._wakeup.set
         self.ready.set()
         listener = asyncio.create_task(self._listen_for_wakeups())
+        outage_delay_s = 0.0
         try:
             while True:
                 self._wakeup.clear()
-                if dispatcher.can_take_work():
-                    await self._poll_iteration()
-                else:
-                    self._reap_tasks()
-                if self.burst and await self._burst_finished(dispatcher):
-                    return
+                try:
+                    if dispatcher.can_take_work():
+                        await self._poll_iteration()
+                    else:
+                        self._reap_tasks()
+                    if self.burst and await self._burst_finished(dispatcher):
+                        return
+                except Exception as exc:
+                    if not is_redis_outage(exc):
+                        raise
+                    # Redis restarting: requests in flight carry on and their results
+                    # wait in the dispatcher; poll again with backoff.
+                    redis_health.failed(exc, doing="polling the queue")
+                    outage_delay_s = min(max(outage_delay_s * 2, 0.1), 1.0)
+                    await asyncio.sleep(outage_delay_s)
+                    continue
+                outage_delay_s = 0.0
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
                 # cancellation that arq's SIGTERM handler sends, and the worker keeps going.
                 with contextlib.suppress(TimeoutError):
@@ -184,11 +213,27 @@ class PromptqWorker(Worker):
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # One ticket claims every free slot, so starting many at once only makes the
         # later ones find nothing; two leave room for an aggregator job beside a ticket.
+        # When a job ends, poll again at once: due jobs left behind must not wait for the
+        # next wake-up or the poll delay.
         dispatcher = self.dispatcher
         for job_id in job_ids:
             if dispatcher is not None and (not dispatcher.can_take_work() or self.job_counter >= 2):
                 return
             await super().start_jobs([job_id])
+            task = self.tasks.get(job_id.decode())
+            if task is not None:
+                task.add_done_callback(lambda _: self._wakeup.set())
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        try:
+            await super().run_job(job_id, score)
+        except Exception as exc:
+            if not is_redis_outage(exc):
+                raise
+            # arq could not start or finish the job's bookkeeping: it runs the job again
+            # once its lease expires. Say so now, once per outage, rather than when the
+            # poll loop collects the task (by then Redis may be back).
+            redis_health.failed(exc, doing=f"running job {job_id}")
 
     def _reap_tasks(self) -> None:
         for job_id, task in list(self.tasks.items()):
