@@ -86,6 +86,8 @@ def batch_table(info: BatchInfo) -> Table:
     table.add_row("retries", f"{info.retries:,}")
     table.add_row("model / endpoint", f"{info.model} {info.endpoint}")
     table.add_row("priority", info.priority.value)
+    if info.retry_of or info.retried_by:
+        table.add_row("retry of / retried by", f"{info.retry_of or '-'} / {info.retried_by or '-'}")
     table.add_row("created", _ts(info.created_at))
     table.add_row("completed", _ts(info.completed_at))
     return table

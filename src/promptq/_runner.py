@@ -164,6 +164,8 @@ async def run_batch(
     errors_out: Path,
     workers: int,
     batch_id: str | None,
+    priority: str = "bulk",
+    max_failure_rate: float | None = None,
 ) -> int:
     """Validate, enqueue, process and write one batch; return the number of failures.
 
@@ -194,7 +196,13 @@ async def run_batch(
         if resume:
             with contextlib.suppress(BatchNotFound):
                 before = await producer.batch(str(batch_id)).info(with_stats=False)
-        batch = await producer.submit(parsed, batch_id=batch_id, resume=resume)
+        batch = await producer.submit(
+            parsed,
+            batch_id=batch_id,
+            resume=resume,
+            priority=priority,
+            max_failure_rate=max_failure_rate,
+        )
         if before is not None and before.status is not Status.VALIDATING:
             display.err_console.print(
                 f"batch {batch.id}: resuming it ({before.status.value}), {before.done:,} of "
@@ -205,7 +213,10 @@ async def run_batch(
         with ResultFiles(output, errors_out) as files:
             await follow(batch, files, total=total, label=batch.id[:20])
         stats = await batch.wait()
+        final = await batch.info(with_stats=False)
     display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
+    if final.reason:
+        display.err_console.print(f"[red]batch {final.status.value}:[/red] {final.reason}")
     display.err_console.print(
         f"{files.ok:,} succeeded -> {output}; {files.failed:,} failed -> {errors_out}"
     )

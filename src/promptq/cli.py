@@ -26,6 +26,7 @@ from promptq.shared.errors import (
     BatchNotFound,
     InputError,
     PromptqError,
+    QueueFull,
     RedisUnavailable,
 )
 from promptq.shared.settings import Settings
@@ -64,7 +65,7 @@ def _run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
         except InputError as exc:
             print(exc.render(limit=50), file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        except (BatchNotFound, BatchError) as exc:
+        except (BatchNotFound, BatchError, QueueFull) as exc:
             _fail(str(exc), EXIT_USAGE)
         except RedisUnavailable as exc:
             _fail(str(exc), 1)
@@ -171,7 +172,20 @@ def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **o
     help="Local worker processes to start (with PROMPTQ_REDIS_URL; 0 = use running workers). "
     "In embedded mode: in-process workers.",
 )  # fmt: skip
-@click.option("--batch-id", help="Batch id (default: generated).")
+@click.option(
+    "--batch-id",
+    help="Batch id (default: generated). With PROMPTQ_REDIS_URL, an existing batch with "
+    "this id and the same input is resumed (after a crash): nothing is sent twice.",
+)
+@click.option(
+    "--priority", type=click.Choice(["urgent", "bulk"]), default="bulk", show_default=True,
+    help="Lane of the batch: urgent overtakes queued bulk work.",
+)  # fmt: skip
+@click.option(
+    "--max-failure-rate", type=click.FloatRange(0, 1, max_open=True),
+    help="Stop the batch (status failed) once more than this fraction of its finished "
+    "requests failed, after 20 of them.",
+)  # fmt: skip
 @click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
 @click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
 @click.option("--model", help="Default model (PROMPTQ_MODEL).")
@@ -184,6 +198,8 @@ def run(
     errors_out: Path | None,
     workers: int,
     batch_id: str | None,
+    priority: str,
+    max_failure_rate: float | None,
     **overrides: Any,
 ) -> None:
     """Run one batch end to end: validate, enqueue, process, write results.
@@ -201,6 +217,8 @@ def run(
         errors_out=errors_out or default_errors_path(output),
         workers=workers,
         batch_id=batch_id,
+        priority=priority,
+        max_failure_rate=max_failure_rate,
     )
     sys.exit(EXIT_FAILED_REQUESTS if failed else 0)
 
@@ -213,10 +231,21 @@ def run(
 @click.option("--batch-id", help="Batch id (default: generated). Letters, digits, _ and -.")
 @click.option(
     "--priority", type=click.Choice(["urgent", "bulk"]), default="bulk", show_default=True,
-    help="Lane of the batch.",
+    help="Lane of the batch: urgent overtakes queued bulk work.",
+)  # fmt: skip
+@click.option(
+    "--max-failure-rate", type=click.FloatRange(0, 1, max_open=True),
+    help="Stop the batch (status failed) once more than this fraction of its finished "
+    "requests failed, after 20 of them.",
 )  # fmt: skip
 @click.pass_context
-def submit(ctx: click.Context, input_path: Path, batch_id: str | None, priority: str) -> None:
+def submit(
+    ctx: click.Context,
+    input_path: Path,
+    batch_id: str | None,
+    priority: str,
+    max_failure_rate: float | None,
+) -> None:
     """Validate INPUT and enqueue it; print the batch id (only the id) on stdout."""
     from promptq.producer import Producer
 
@@ -225,7 +254,9 @@ def submit(ctx: click.Context, input_path: Path, batch_id: str | None, priority:
     async def go() -> None:
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
             parsed = p.parse_file(input_path)  # validate before touching Redis
-            batch = await p.submit(parsed, batch_id=batch_id, priority=priority)
+            batch = await p.submit(
+                parsed, batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate
+            )
         print(batch.id)
 
     _run_async(go)()
@@ -353,6 +384,28 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
             f"batch {batch_id}: {info.status.value}; {info.succeeded:,} succeeded, "
             f"{info.failed:,} failed or cancelled of {info.total:,}"
         )
+
+    _run_async(go)()
+
+
+@main.command("retry-failed")
+@click.argument("batch_id")
+@click.option("--batch-id", "new_batch_id", help="Id of the new batch (default: generated).")
+@click.pass_context
+def retry_failed(ctx: click.Context, batch_id: str, new_batch_id: str | None) -> None:
+    """Re-run only the failed requests of a finished batch, as a new batch linked to it.
+
+    Prints the new batch id (only the id). The new batch has retry_of = BATCH_ID; the
+    old one gets retried_by = the new id.
+    """
+    from promptq.producer import Producer
+
+    settings = _settings(ctx)
+
+    async def go() -> None:
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            batch = await p.retry_failed(batch_id, new_batch_id=new_batch_id)
+        print(batch.id)
 
     _run_async(go)()
 

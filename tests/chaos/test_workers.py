@@ -38,6 +38,16 @@ async def in_flight_somewhere(redis: ArqRedis, batch: Batch) -> bool:
     return int(await redis.hlen(keys.inflight(batch.id))) >= 5
 
 
+async def in_flight_on(redis: ArqRedis, batch: Batch, pid: int) -> bool:
+    """The worker process ``pid`` holds some of the batch's requests right now."""
+    owners = {v.decode() for v in (await redis.hgetall(keys.inflight(batch.id))).values()}
+    for worker_id in owners:
+        beat_pid = await redis.hget(keys.worker(worker_id), "pid")
+        if beat_pid is not None and int(beat_pid) == pid:
+            return True
+    return False
+
+
 async def check_exactly_once(batch: Batch, total: int) -> None:
     info = await batch.info()
     results = [r async for r in batch.results()]
@@ -84,7 +94,8 @@ async def test_sigterm_drains_in_flight_requests(
     await worker_procs.wait_ready(redis, 2)
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit([f"t{i}" for i in range(120)])
-        await wait_until(lambda: in_flight_somewhere(redis, batch), what="requests in flight")
+        pid = worker_procs.procs[0].pid
+        await wait_until(lambda: in_flight_on(redis, batch, pid), what="worker 0 busy")
         assert await worker_procs.terminate(0) == 0
         await batch.wait(timeout_s=60)
         await check_exactly_once(batch, 120)
@@ -103,7 +114,8 @@ async def test_sigterm_past_the_grace_period_hands_requests_back_without_an_atte
         await worker_procs.wait_ready(redis, 2)
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
             batch = await p.submit([f"h{i}" for i in range(30)])
-            await wait_until(lambda: in_flight_somewhere(redis, batch), what="in flight")
+            pid = worker_procs.procs[0].pid
+            await wait_until(lambda: in_flight_on(redis, batch, pid), what="worker 0 busy")
             assert await worker_procs.terminate(0) == 0
             await batch.wait(timeout_s=60)
             await check_exactly_once(batch, 30)
@@ -121,7 +133,8 @@ async def test_rolling_restart_of_every_worker_loses_nothing(
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit([f"r{i}" for i in range(300)])
         for old in (0, 1):
-            await wait_until(lambda: in_flight_somewhere(redis, batch), what="in flight")
+            pid = worker_procs.procs[old].pid
+            await wait_until(lambda p=pid: in_flight_on(redis, batch, p), what="old worker busy")
             assert await worker_procs.terminate(old) == 0
             worker_procs.start(1)  # its replacement
             await worker_procs.wait_ready(redis, 2)

@@ -33,6 +33,7 @@ from promptq.shared.errors import (
     BatchNotFound,
     InputError,
     LineError,
+    QueueFull,
     RedisUnavailable,
 )
 from promptq.shared.lifecycle import (
@@ -41,8 +42,9 @@ from promptq.shared.lifecycle import (
     enqueue_aggregate,
     enqueue_ticket,
     stop_batch,
+    ticket_score_ms,
 )
-from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, Status
+from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result, Status
 from promptq.shared.scripts import Scripts, decode
 from promptq.shared.settings import Settings
 
@@ -145,11 +147,21 @@ class Producer:
         batch_id: str | None = None,
         priority: Priority | str = Priority.BULK,
         resume: bool = False,
+        max_failure_rate: float | None = None,
+        failure_min_sample: int = 20,
+        result_ttl_s: int | None = None,
+        retry_of: str | None = None,
     ) -> Batch:
         """Validate ``items`` (prompts or request dicts) and enqueue them as one batch.
 
-        Raises ``InputError`` listing every bad item before anything is enqueued, and
-        ``BatchExists`` if ``batch_id`` is taken.
+        Raises ``InputError`` listing every bad item before anything is enqueued,
+        ``BatchExists`` if ``batch_id`` is taken, and ``QueueFull`` if the batch would
+        take the queued requests past ``PROMPTQ_MAX_QUEUED``.
+
+        ``priority="urgent"`` puts the batch in the urgent lane. ``max_failure_rate``
+        (0..1) stops the batch early, status ``failed``, once more than that fraction of
+        its finished requests failed (after ``failure_min_sample`` of them).
+        ``result_ttl_s`` keeps this batch's results for less (or more) than the default.
 
         ``resume=True`` (needs ``batch_id``) picks up a batch submitted earlier from the
         same items, e.g. by a run that crashed: if ``batch_id`` exists (queued, running
@@ -172,10 +184,82 @@ class Producer:
                 "--batch-id",
                 [LineError(0, "batch_id", "use 1-64 letters, digits, '_' or '-'")],
             )
+        if max_failure_rate is not None and not 0 <= max_failure_rate < 1:
+            raise InputError(
+                "--max-failure-rate",
+                [LineError(0, "max_failure_rate", "must be at least 0 and below 1")],
+            )
         if resume and await self._resume(parsed, batch_id):
             return Batch(self, batch_id)
-        await self._enqueue(parsed, batch_id, Priority(priority))
+        options: dict[str, str | int | float] = {}
+        if max_failure_rate is not None:
+            options.update(max_failure_rate=max_failure_rate, failure_min_sample=failure_min_sample)
+        if result_ttl_s is not None:
+            options["result_ttl_s"] = result_ttl_s
+        if retry_of is not None:
+            options["retry_of"] = retry_of
+        await self._check_backpressure(len(parsed.requests))
+        await self._enqueue(parsed, batch_id, Priority(priority), options)
         return Batch(self, batch_id)
+
+    async def queued_requests(self) -> int:
+        """Requests waiting in every queued or running batch (not yet claimed)."""
+        active = [decode(b) for b in await self.redis.smembers(keys.ACTIVE)]  # type: ignore[misc]
+        if not active:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in active:
+                pipe.llen(keys.pending(batch_id))
+                pipe.hget(keys.batch(batch_id), "status")
+            replies = await pipe.execute()
+        queued = 0
+        for batch_id, length, status in zip(active, replies[::2], replies[1::2], strict=True):
+            if status is None or decode(status) not in ("queued", "in_progress"):
+                await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]
+                continue
+            queued += int(length)
+        return queued
+
+    async def _check_backpressure(self, adding: int) -> None:
+        limit = self.settings.max_queued
+        if limit is None:
+            return
+        queued = await self.queued_requests()
+        if queued + adding > limit:
+            raise QueueFull(
+                f"{queued:,} requests are already queued and this batch adds {adding:,}, over "
+                f"the limit of {limit:,} (PROMPTQ_MAX_QUEUED); submit again once the workers "
+                "have caught up, add workers, or raise the limit",
+                queued=queued,
+                limit=limit,
+            )
+
+    async def retry_failed(self, batch_id: str, *, new_batch_id: str | None = None) -> Batch:
+        """Submit the failed requests of a finished batch again, as a new batch linked to
+        it (``retry_of`` on the new one, ``retried_by`` on the old one)."""
+        old = await self.batch(batch_id).info(with_stats=False)
+        if not old.status.terminal:
+            raise BatchError(
+                f"batch '{batch_id}' is {old.status.value}; retry its failures once it has "
+                "ended (promptq watch, or promptq cancel)"
+            )
+        failed_ids = [
+            r.custom_id async for r in self.batch(batch_id).results() if r.error is not None
+        ]
+        if not failed_ids:
+            raise BatchError(f"batch '{batch_id}' has no failed requests to retry")
+        bodies: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+            keys.requests(batch_id), failed_ids
+        )
+        if any(b is None for b in bodies):
+            raise BatchError(f"the requests of batch '{batch_id}' have expired from Redis")
+        requests = [QueuedRequest.from_json(b) for b in bodies if b is not None]
+        parsed = ParsedBatch(requests=requests, endpoint=old.endpoint, model=old.model or "")
+        batch = await self.submit(
+            parsed, batch_id=new_batch_id, priority=old.priority, retry_of=batch_id
+        )
+        await self.redis.hset(keys.batch(batch_id), "retried_by", batch.id)  # type: ignore[misc]
+        return batch
 
     async def submit_file(
         self,
@@ -192,7 +276,13 @@ class Producer:
     def parse_file(self, path: str | Path) -> ParsedBatch:
         return parse_file(path, settings=self.settings)
 
-    async def _enqueue(self, parsed: ParsedBatch, batch_id: str, priority: Priority) -> None:
+    async def _enqueue(
+        self,
+        parsed: ParsedBatch,
+        batch_id: str,
+        priority: Priority,
+        options: Mapping[str, str | int | float] | None = None,
+    ) -> None:
         total = len(parsed.requests)
         existing = decode(
             await self.scripts.create(
@@ -208,6 +298,7 @@ class Producer:
                     priority.value,
                     "fingerprint",
                     fingerprint(parsed),
+                    *(item for pair in (options or {}).items() for item in pair),
                 ],
             )
         )
@@ -227,6 +318,7 @@ class Producer:
         # 'queued' batch without tickets.
         tickets = await self._ticket_count(total)
         now_ms = int(time.time() * 1000)
+        score_ms = ticket_score_ms(priority.value, now_ms)
         async with self.redis.pipeline(transaction=True) as pipe:
             await self.scripts.publish(
                 keys=[keys.batch(batch_id), keys.pending(batch_id), keys.BATCHES],
@@ -237,14 +329,15 @@ class Producer:
                 job_id = uuid.uuid4().hex
                 payload = serialize_job(
                     "claim",
-                    (batch_id, parsed.endpoint),
+                    (batch_id, parsed.endpoint, priority.value),
                     {},
                     None,
                     now_ms,
                     serializer=serialization.job_serializer,
                 )
                 pipe.psetex(job_key_prefix + job_id, TICKET_EXPIRES_MS, payload)
-                pipe.zadd(keys.QUEUE, {job_id: now_ms})
+                pipe.zadd(keys.QUEUE, {job_id: score_ms})
+            pipe.sadd(keys.ACTIVE, batch_id)
             pipe.publish(keys.WAKEUP_CHANNEL, b"1")
             replies = await pipe.execute()
         flipped, detail = replies[0]

@@ -85,6 +85,11 @@ class BatchExists(BatchError):
 class QueueFull(PromptqError):
     """Submitting would exceed the configured maximum of queued requests."""
 
+    def __init__(self, message: str, *, queued: int, limit: int) -> None:
+        super().__init__(message)
+        self.queued = queued
+        self.limit = limit
+
 
 class RedisUnavailable(PromptqError):
     """Redis did not answer; the message says which URL (without password) and how to fix it."""

@@ -24,6 +24,8 @@ QUEUE = f"{PREFIX}:queue"
 WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
 #: Sorted set of batch ids scored by creation time (unix seconds).
 BATCHES = f"{PREFIX}:batches"
+#: Set of batch ids that may have queued requests (backpressure sums their queues).
+ACTIVE = f"{PREFIX}:batches:active"
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds).
 WORKERS = f"{PREFIX}:workers"
 

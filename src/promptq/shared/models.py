@@ -151,6 +151,9 @@ class BatchInfo(BaseModel):
     endpoint: str = CHAT_ENDPOINT
     priority: Priority = Priority.BULK
     reason: str | None = None
+    max_failure_rate: float | None = None
+    retry_of: str | None = None
+    retried_by: str | None = None
     stats: BatchStats | None = None
 
     @property

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_file_bytes: PositiveInt = 200 * 1024 * 1024
     max_lines: PositiveInt = 50_000
     heartbeat_s: float = Field(default=2.0, gt=0)
+    max_queued: PositiveInt | None = Field(
+        default=None,
+        description="backpressure: refuse a submit that would queue more requests than this",
+    )
     limit_per_model: bool = Field(
         default=False, description="apply PROMPTQ_RPM/TPM per model instead of per upstream"
     )

@@ -54,6 +54,7 @@ async def aggregate(ctx: dict[str, Any], batch_id: str) -> str:
             args=[ttl_s, *fields],
         )
     )
+    await redis.srem(keys.ACTIVE, batch_id)
     logger.info(
         "batch %s %s: %d succeeded, %d failed, p50 %.0f ms, p99 %.0f ms, %.1f req/s",
         batch_id,
