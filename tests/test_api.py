@@ -575,3 +575,25 @@ async def test_closing_the_chat_lane_answers_whoever_still_waits(
     await lane.close()
     with pytest.raises(LaneClosed):
         await waiting
+
+
+async def test_a_full_queue_is_429_with_retry_after(redis: ArqRedis, settings: Settings) -> None:
+    capped = api_settings(settings, max_queued=3)
+    app = create_app(capped)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with TestClient(TestServer(app), headers=headers) as api:
+        data = "\n".join(line(f"q{i}") for i in range(4)).encode()
+        resp = await api.post("/v1/files", data=form(data))
+        file_id = (await resp.json())["id"]
+        create = {"input_file_id": file_id, "endpoint": CHAT, "completion_window": "24h"}
+        resp = await api.post("/v1/batches", json=create)
+        error = await error_of(resp, 429)
+        assert error["code"] == "queue_full"
+        assert "PROMPTQ_MAX_QUEUED" in error["message"]
+        assert int(resp.headers["retry-after"]) > 0
+        assert await redis.zcard(keys.QUEUE) == 0  # nothing was enqueued
+        # chat requests queue too: with no workers, 3 fill it and the 4th is refused
+        await Producer(redis, settings=capped).submit(["a", "b", "c"])
+        chat = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
+        resp = await api.post(CHAT, json=chat)
+        assert (await error_of(resp, 429))["code"] == "queue_full"

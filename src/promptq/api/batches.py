@@ -8,7 +8,14 @@ from typing import Any
 
 from aiohttp import web
 
-from promptq.api.errors import ApiError, bad_request, json_response, not_found, read_json_object
+from promptq.api.errors import (
+    ApiError,
+    bad_request,
+    json_response,
+    not_found,
+    queue_full,
+    read_json_object,
+)
 from promptq.api.intake import expire_stale_validation, validate_and_enqueue
 from promptq.api.objects import CHAT_BATCH_PREFIX, COMPLETION_WINDOW, batch_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
@@ -16,7 +23,7 @@ from promptq.api.store import StoredBatch
 from promptq.api.streaming import stream_lines
 from promptq.producer.producer import new_batch_id
 from promptq.shared import keys
-from promptq.shared.errors import BatchNotFound
+from promptq.shared.errors import BatchNotFound, QueueFull
 from promptq.shared.models import ENDPOINTS
 
 MAX_METADATA_PAIRS = 16
@@ -112,6 +119,13 @@ async def create_batch(request: web.Request) -> web.Response:
             code="file_not_found",
         )
     settings = request.app[SETTINGS]
+    if settings.max_queued is not None:
+        stored_file = await store.file(file_id)
+        adding = stored_file.lines if stored_file is not None else 0
+        try:
+            await request.app[PRODUCER].check_backpressure(adding)
+        except QueueFull as exc:
+            raise queue_full(str(exc)) from exc
     batch_id = new_batch_id()
     stored = await store.create_validating(
         batch_id,

@@ -12,10 +12,16 @@ from typing import Any
 
 from aiohttp import web
 
-from promptq.api.errors import ApiError, bad_request, json_response, read_json_object
+from promptq.api.errors import (
+    ApiError,
+    bad_request,
+    json_response,
+    queue_full,
+    read_json_object,
+)
 from promptq.api.lane import LaneClosed, ResultLost
 from promptq.api.state import LANE, SETTINGS
-from promptq.shared.errors import InputError
+from promptq.shared.errors import InputError, QueueFull
 
 UPSTREAM_ERROR = "upstream_error"
 
@@ -70,6 +76,8 @@ async def chat_completions(request: web.Request) -> web.Response:
     timeout_s = request.app[SETTINGS].api_chat_timeout_s
     try:
         line, batch_id = await lane.send(queued, timeout_s=timeout_s)
+    except QueueFull as exc:
+        raise queue_full(str(exc)) from exc
     except TimeoutError:
         raise ApiError(
             504,

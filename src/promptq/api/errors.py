@@ -165,3 +165,18 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
     return body
+
+
+#: how long a client told "queue full" should wait before trying again (seconds)
+QUEUE_FULL_RETRY_AFTER_S = 30
+
+
+def queue_full(exc_message: str) -> ApiError:
+    """Backpressure (PROMPTQ_MAX_QUEUED): 429 with a retry-after, as rate limits are."""
+    return ApiError(
+        429,
+        exc_message,
+        type="queue_full",
+        code="queue_full",
+        headers={"retry-after": str(QUEUE_FULL_RETRY_AFTER_S)},
+    )

@@ -18,7 +18,7 @@ from promptq.api.store import ApiStore, StoredBatch
 from promptq.producer import Producer
 from promptq.producer.parsing import parse_jsonl
 from promptq.shared import keys
-from promptq.shared.errors import BatchError, InputError, LineError
+from promptq.shared.errors import BatchError, InputError, LineError, QueueFull
 from promptq.shared.models import Priority, Status
 from promptq.shared.settings import Settings
 
@@ -147,6 +147,13 @@ async def _validate_and_enqueue(
         # Enqueueing listed it by when it was enqueued; list it by when it was created,
         # as its Batch object says (else a small batch created later may list earlier).
         await store.redis.zadd(keys.BATCHES, {batch_id: created_at}, xx=True)
+    except QueueFull as exc:  # the queue filled up between the create and now
+        await store.fail_validating(
+            batch_id,
+            reason=str(exc),
+            errors=batch_errors([LineError(0, None, str(exc))], 1),
+            ttl_s=ttl_s,
+        )
     except BatchError as exc:
         # Cancelled (or expired by expire_stale_validation) while validating: the
         # producer found it no longer 'validating'. Finish a cancel that raced with

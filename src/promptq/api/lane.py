@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 #: at most this many requests go into one batch
 MAX_GROUP = 1000
+#: chat answers are returned inline; their batch is kept this long only for debugging
+CHAT_RESULT_TTL_S = 3600
 
 
 class LaneClosed(Exception):
@@ -128,7 +130,12 @@ class ChatLane:
         )
         batch_id = f"{CHAT_BATCH_PREFIX}{uuid.uuid4().hex}"
         try:
-            await self._producer.submit(parsed, batch_id=batch_id, priority=Priority.URGENT)
+            await self._producer.submit(
+                parsed,
+                batch_id=batch_id,
+                priority=Priority.URGENT,
+                result_ttl_s=CHAT_RESULT_TTL_S,  # answered inline; kept only to debug
+            )
         except Exception as exc:  # Redis trouble: every handler of the group answers it
             self._slots.release()
             for _r, future in group:

@@ -198,7 +198,7 @@ class Producer:
             options["result_ttl_s"] = result_ttl_s
         if retry_of is not None:
             options["retry_of"] = retry_of
-        await self._check_backpressure(len(parsed.requests))
+        await self.check_backpressure(len(parsed.requests))
         await self._enqueue(parsed, batch_id, Priority(priority), options)
         return Batch(self, batch_id)
 
@@ -220,7 +220,8 @@ class Producer:
             queued += int(length)
         return queued
 
-    async def _check_backpressure(self, adding: int) -> None:
+    async def check_backpressure(self, adding: int) -> None:
+        """Raise ``QueueFull`` if ``adding`` more requests would pass PROMPTQ_MAX_QUEUED."""
         limit = self.settings.max_queued
         if limit is None:
             return
