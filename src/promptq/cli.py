@@ -91,6 +91,22 @@ def _settings(ctx: click.Context, **overrides: Any) -> Settings:
         raise AssertionError("unreachable") from exc
 
 
+def _result_files_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """-o/--output and --errors-out, shared by the commands that write results."""
+    command = click.option(
+        "--errors-out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
+    )(command)
+    return click.option(
+        "-o",
+        "--output",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Where successful result lines go (JSONL).",
+    )(command)
+
+
 @click.group(epilog=CONFIG_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--redis-url", metavar="URL", help="Redis URL (overrides PROMPTQ_REDIS_URL).", default=None
@@ -159,14 +175,7 @@ def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **o
 
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-    help="Where successful result lines go (JSONL).",
-)  # fmt: skip
-@click.option(
-    "--errors-out", type=click.Path(dir_okay=False, path_type=Path),
-    help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
-)  # fmt: skip
+@_result_files_options
 @click.option(
     "--workers", type=int, default=2, show_default=True,
     help="Local worker processes to start (with PROMPTQ_REDIS_URL; 0 = use running workers). "
@@ -324,14 +333,7 @@ def watch(ctx: click.Context, batch_id: str) -> None:
 
 @main.command()
 @click.argument("batch_id")
-@click.option(
-    "-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-    help="Where successful result lines go (JSONL).",
-)  # fmt: skip
-@click.option(
-    "--errors-out", type=click.Path(dir_okay=False, path_type=Path),
-    help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
-)  # fmt: skip
+@_result_files_options
 @click.option("--follow", is_flag=True, help="Stream results as they finish until the end.")
 @click.pass_context
 def results(
