@@ -107,3 +107,13 @@ async def test_adaptive_concurrency_finds_the_upstreams_capacity(
     adaptive_ok, adaptive_429s = await run(adaptive=True)
     assert adaptive_ok == 100
     assert adaptive_429s * 3 < fixed_429s, (adaptive_429s, fixed_429s)
+
+
+async def test_waiting_for_a_rate_slot_is_not_latency(redis: ArqRedis, settings: Settings) -> None:
+    limited = settings.model_copy(update={"rpm": 600})  # one request per 100 ms
+    async with local_cluster(limited, workers=1) as producer:
+        batch = await producer.submit([f"s{i}" for i in range(10)])
+        stats = await batch.wait(timeout_s=20)
+        results = [r async for r in batch.results()]
+    assert stats.wall_s >= 0.85  # the limiter spaced them out...
+    assert all((r.latency_ms or 0) < 80 for r in results)  # ...but each answered at once

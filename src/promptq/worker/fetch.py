@@ -111,12 +111,16 @@ class Fetcher:
         payload = orjson.dumps(body)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         tokens = estimate_tokens(body) if self.limiter is not None and self.limiter.tpm else 0
-        start = self._clock()
+        start: float | None = None
         attempt = 0
         while True:
             attempt += 1
             if self.limiter is not None:
                 await self._wait_for_limits(model, tokens)
+            if start is None:
+                # latency_ms runs from the first attempt: waiting for a rate-limit slot
+                # before it is queueing, not latency (waits before retries count)
+                start = self._clock()
             status, answer, request_id, error, headers = await self._attempt(url, payload)
             if self.on_attempt is not None:
                 self.on_attempt(error)
