@@ -9,8 +9,9 @@ else touched), real `promptq worker` processes and the mock upstream in this pro
 1. **Rate accuracy**: 4 workers share PROMPTQ_RPM; a batch big enough to last the window
    (2 minutes by default) runs against a fast mock. Observed RPM = requests sent / time
    from the first to the last send; the ratio to the configured RPM should be 0.9-1.0.
-2. **Urgent lane**: one worker, every slot busy with 20,000 queued bulk requests at 200 ms
-   upstream latency; single-request urgent batches are submitted one after another.
+2. **Urgent lane**: one worker, every slot busy with 20,000 queued bulk requests at
+   150-250 ms upstream latency; single-request urgent batches are submitted one after
+   another.
    Queue wait = submit-to-result time minus the request's own latency (``latency_ms``):
    how long an urgent request waited for a slot. Target p99 <= 100 ms.
 3. **Limiter overhead**: the same 0 ms batch with no limits and with limits so high they
@@ -109,7 +110,9 @@ async def rate_accuracy(redis_url: str, *, rpm: int, window_s: float) -> dict[st
 
 async def urgent_lane(redis_url: str, *, samples: int) -> dict[str, Any]:
     concurrency = 50
-    async with MockServer(MockConfig(latency_ms=200)) as mock:
+    # Jitter, as real upstreams have: with a fixed latency the slots would free in
+    # synchronized waves and "the next free slot" would be up to a whole latency away.
+    async with MockServer(MockConfig(latency_ms=150, jitter_ms=100)) as mock:
         env = base_env(redis_url, mock, PROMPTQ_CONCURRENCY=str(concurrency))
         procs = start_workers(1, env)
         try:
