@@ -107,6 +107,23 @@ def _result_files_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--priority and --max-failure-rate, shared by the commands that submit batches."""
+    command = click.option(
+        "--max-failure-rate",
+        type=click.FloatRange(0, 1, max_open=True),
+        help="Stop the batch (status failed) once more than this fraction of its finished "
+        "requests failed, after 20 of them.",
+    )(command)
+    return click.option(
+        "--priority",
+        type=click.Choice(["urgent", "bulk"]),
+        default="bulk",
+        show_default=True,
+        help="Lane of the batch: urgent overtakes queued bulk work.",
+    )(command)
+
+
 @click.group(epilog=CONFIG_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--redis-url", metavar="URL", help="Redis URL (overrides PROMPTQ_REDIS_URL).", default=None
@@ -186,15 +203,7 @@ def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **o
     help="Batch id (default: generated). With PROMPTQ_REDIS_URL, an existing batch with "
     "this id and the same input is resumed (after a crash): nothing is sent twice.",
 )
-@click.option(
-    "--priority", type=click.Choice(["urgent", "bulk"]), default="bulk", show_default=True,
-    help="Lane of the batch: urgent overtakes queued bulk work.",
-)  # fmt: skip
-@click.option(
-    "--max-failure-rate", type=click.FloatRange(0, 1, max_open=True),
-    help="Stop the batch (status failed) once more than this fraction of its finished "
-    "requests failed, after 20 of them.",
-)  # fmt: skip
+@_batch_policy_options
 @click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
 @click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
 @click.option("--model", help="Default model (PROMPTQ_MODEL).")
@@ -238,15 +247,7 @@ def run(
 @main.command()
 @click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-id", help="Batch id (default: generated). Letters, digits, _ and -.")
-@click.option(
-    "--priority", type=click.Choice(["urgent", "bulk"]), default="bulk", show_default=True,
-    help="Lane of the batch: urgent overtakes queued bulk work.",
-)  # fmt: skip
-@click.option(
-    "--max-failure-rate", type=click.FloatRange(0, 1, max_open=True),
-    help="Stop the batch (status failed) once more than this fraction of its finished "
-    "requests failed, after 20 of them.",
-)  # fmt: skip
+@_batch_policy_options
 @click.pass_context
 def submit(
     ctx: click.Context,
