@@ -13,7 +13,12 @@ from promptq import BatchExists, InputError, Producer, Status
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer, expected_content
 from promptq.shared import keys
+from promptq.shared.lifecycle import stop_batch
+from promptq.shared.scripts import Scripts
 from promptq.shared.settings import Settings
+from promptq.worker.dispatcher import Dispatcher
+from promptq.worker.fetch import Fetcher
+from promptq.worker.retry import RetryPolicy
 
 from .conftest import wait_until
 
@@ -228,3 +233,47 @@ async def test_a_fatal_upstream_state_stops_the_batch_instead_of_every_attempt(
     # at most about one request per concurrency slot reached the upstream
     assert mock.stats.requests == len(sent) <= 2 * 4
     assert stats.errors_by_code == {code: 200}
+
+
+async def test_requests_of_a_dead_worker_in_a_stopped_batch_still_end(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    """A worker dies holding requests of a batch that promptq stopped meanwhile: handed
+    back, they must end with the stop's code (a claim would be refused), and the batch
+    must finish."""
+    producer = Producer(redis, settings=settings)
+    batch = await producer.submit([f"s{i}" for i in range(5)])
+    dispatcher = Dispatcher(
+        redis=redis,
+        fetcher=Fetcher(
+            base_url=settings.upstream_url,
+            api_key=None,
+            concurrency=2,
+            timeout_s=1,
+            policy=RetryPolicy(),
+        ),
+        concurrency=2,
+        heartbeat_s=0.5,
+    )
+    scripts = Scripts(redis)
+    # "dead-1" claimed two requests, then died (its heartbeat key is gone)
+    await scripts.claim(
+        keys=[keys.batch(batch.id), keys.pending(batch.id), keys.inflight(batch.id),
+              keys.requests(batch.id)],
+        args=[2, "dead-1"],
+    )  # fmt: skip
+    await redis.zadd(keys.WORKERS, {"dead-1": time.time() - 60})
+    await redis.sadd(keys.worker_batches("dead-1"), batch.id)
+    status, _ = await stop_batch(
+        redis, scripts, batch.id, code="insufficient_quota", message="quota gone",
+        final_status="failed", reason="stopped: quota",
+    )  # fmt: skip
+    assert status == "in_progress"  # the two in flight keep it open
+    assert await dispatcher.reap_dead_workers() == 2
+    raw = await redis.hgetall(keys.batch(batch.id))
+    assert raw[b"status"] == b"finalizing"
+    results = {r.custom_id: r async for r in batch.results()}
+    assert len(results) == 5
+    assert all(
+        r.error is not None and r.error.code == "insufficient_quota" for r in results.values()
+    )

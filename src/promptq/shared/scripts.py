@@ -169,7 +169,9 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'', 0, 0} end
 if status == 'queued' or status == 'in_progress' or status == 'validating' then
   if redis.call('HSETNX', KEYS[1], 'final_status', ARGV[4]) == 1 then
-    redis.call('HSET', KEYS[1], 'reason', ARGV[5], 'stopped_at', now)
+    -- kept so that requests handed back later (a worker died) end the same way
+    redis.call('HSET', KEYS[1], 'reason', ARGV[5], 'stopped_at', now,
+               'stop_code', ARGV[2], 'stop_message', ARGV[3])
   end
   if ARGV[4] == 'cancelled' then
     redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', now)
@@ -207,7 +209,7 @@ return {status, remaining, 0}
 
 # KEYS: batch, pending, inflight, results. ARGV: dead worker id.
 # Recovery: requests a dead worker had claimed (and that have no result) go back to the
-# front of pending. Returns {requeued, status}.
+# front of pending. Returns how many were requeued.
 REQUEUE_DEAD = """
 local entries = redis.call('HGETALL', KEYS[3])
 local n = 0
@@ -221,7 +223,7 @@ for i = 1, #entries, 2 do
     end
   end
 end
-return {n, redis.call('HGET', KEYS[1], 'status') or ''}
+return n
 """
 
 

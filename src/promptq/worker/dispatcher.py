@@ -410,10 +410,7 @@ class Dispatcher:
                 args=ids,
             )
             logger.info("handed %s unfinished request(s) of %s back", released, batch_id)
-            status: bytes | None = await self.redis.hget(  # type: ignore[misc]
-                keys.batch(batch_id), "status"
-            )
-            await self._resume(batch_id, decode(status or b""))
+            await self._resume(batch_id)
 
     async def _heartbeat_loop(self) -> None:
         checked = redis_health.disruptions  # Redis trouble up to here is none of ours
@@ -491,7 +488,7 @@ class Dispatcher:
                     batch_id,
                     released,
                 )
-            await self._resume(batch_id, status)
+            await self._resume(batch_id)
         return complete
 
     async def reap_dead_workers(self) -> int:
@@ -506,7 +503,7 @@ class Dispatcher:
                 continue  # alive: its beat is just late, or it is us
             for raw_batch in await self.redis.smembers(keys.worker_batches(dead)):  # type: ignore[misc]
                 batch_id = decode(raw_batch)
-                n, status = await self.scripts.requeue_dead(
+                n = await self.scripts.requeue_dead(
                     keys=[
                         keys.batch(batch_id),
                         keys.pending(batch_id),
@@ -523,30 +520,32 @@ class Dispatcher:
                         n,
                         batch_id,
                     )
-                    await self._resume(batch_id, decode(status))
+                    await self._resume(batch_id)
             await self.redis.delete(keys.worker_batches(dead))
             await self.redis.zrem(keys.WORKERS, dead)
         return total
 
-    async def _resume(self, batch_id: str, status: str) -> None:
-        """Make sure requests put back in a batch get done (or cancelled)."""
-        if status == "cancelling":
+    async def _resume(self, batch_id: str) -> None:
+        """Make sure requests put back in a batch get done: a new claim ticket, or, for
+        a batch that was stopped (cancelled, or by promptq), the same stop again so they
+        end with the stop's code instead of waiting for a claim that is refused."""
+        raw: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
+            keys.batch(batch_id),
+            ["final_status", "stop_code", "stop_message", "reason", "endpoint", "priority"],
+        )
+        final, code, message, reason, endpoint, priority = (decode(v or b"") for v in raw)
+        if final:
             await stop_batch(
                 self.redis,
                 self.scripts,
                 batch_id,
-                code=CANCELLED_CODE,
-                message=CANCELLED_MESSAGE,
-                final_status="cancelled",
-                reason="cancelled by the user",
+                code=code or CANCELLED_CODE,
+                message=message or CANCELLED_MESSAGE,
+                final_status=final,
+                reason=reason,
             )
             return
-        endpoint, priority = await self.redis.hmget(  # type: ignore[misc]
-            keys.batch(batch_id), ["endpoint", "priority"]
-        )
-        await enqueue_ticket(
-            self.redis, batch_id, decode(endpoint or b""), decode(priority or b"bulk")
-        )
+        await enqueue_ticket(self.redis, batch_id, endpoint, priority or "bulk")
 
     async def _beat(self) -> None:
         now = time.time()
