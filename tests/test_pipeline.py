@@ -277,3 +277,20 @@ async def test_requests_of_a_dead_worker_in_a_stopped_batch_still_end(
     assert all(
         r.error is not None and r.error.code == "insufficient_quota" for r in results.values()
     )
+
+
+async def test_workers_keep_the_latency_histogram_for_metrics(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    async with local_cluster(settings, workers=1) as producer:
+        await (await producer.submit([f"h{i}" for i in range(12)])).wait(timeout_s=20)
+
+        async def counted() -> dict[bytes, bytes]:  # written with the next heartbeat
+            hist: dict[bytes, bytes] = await redis.hgetall(keys.METRICS_LATENCY)
+            return hist if hist.get(b"count") == b"12" else {}
+
+        hist = await wait_until(counted, what="the latency histogram")
+    buckets = {k: int(v) for k, v in hist.items() if k not in (b"count", b"sum")}
+    assert sum(buckets.values()) == 12
+    assert set(buckets) <= {str(b).encode() for b in keys.LATENCY_BUCKETS_MS} | {b"+Inf"}
+    assert float(hist[b"sum"]) > 0

@@ -68,8 +68,11 @@ def new_worker_id() -> str:
 class _Pending:
     """Results waiting for the next flush, per batch."""
 
-    args: list[Any] = field(default_factory=list)
-    count: int = 0
+    args: list[Any] = field(default_factory=list)  # 4 script arguments per result
+
+    @property
+    def count(self) -> int:
+        return len(self.args) // 4
 
 
 class Dispatcher:
@@ -218,10 +221,15 @@ class Dispatcher:
             error is not None
             and not error.retryable
             and (error.code in STOP_BATCH_CODES or error.status_code in STOP_BATCH_STATUSES)
-            and batch_id not in self._stopped
         ):
-            self._stopped.add(batch_id)
-            await self._stop_for_upstream(batch_id, error)
+            await self._stop(
+                batch_id,
+                code=error.code,
+                message=f"not sent: the batch stopped after the upstream answered "
+                f"{error.code} to another of its requests; fix that, then retry the failed "
+                "requests",
+                reason=f"stopped: the upstream answered {error.code} ({error.message})",
+            )
 
     async def _stop_for_failure_rate(self, batch_id: str) -> None:
         raw = await self.redis.hmget(  # type: ignore[misc]
@@ -229,36 +237,27 @@ class Dispatcher:
         )
         ok, failed, limit = (float(decode(v or b"0")) for v in raw)
         rate = failed / max(ok + failed, 1)
-        reason = (
-            f"stopped: {rate:.0%} of {ok + failed:.0f} finished requests failed, "
-            f"over the {limit:.0%} allowed (--max-failure-rate)"
+        await self._stop(
+            batch_id,
+            code="failure_rate_exceeded",
+            message="not sent: the batch stopped because too many of its requests failed",
+            reason=f"stopped: {rate:.0%} of {ok + failed:.0f} finished requests failed, "
+            f"over the {limit:.0%} allowed (--max-failure-rate)",
         )
-        logger.error("batch %s %s", batch_id, reason)
-        try:
-            await stop_batch(
-                self.redis,
-                self.scripts,
-                batch_id,
-                code="failure_rate_exceeded",
-                message="not sent: the batch stopped because too many of its requests failed",
-                final_status="failed",
-                reason=reason,
-            )
-        except Exception as exc:
-            logger.warning("could not stop batch %s: %s", batch_id, exc)
 
-    async def _stop_for_upstream(self, batch_id: str, error: UpstreamError) -> None:
-        reason = f"stopped: the upstream answered {error.code} ({error.message})"
+    async def _stop(self, batch_id: str, *, code: str, message: str, reason: str) -> None:
+        """promptq's own stop of a batch (status failed); once per batch per worker."""
+        if batch_id in self._stopped:
+            return
+        self._stopped.add(batch_id)
         logger.error("batch %s %s; its unsent requests will not be sent", batch_id, reason)
         try:
             await stop_batch(
                 self.redis,
                 self.scripts,
                 batch_id,
-                code=error.code,
-                message=f"not sent: the batch stopped after the upstream answered "
-                f"{error.code} to another of its requests; fix that, then retry the failed "
-                "requests",
+                code=code,
+                message=message,
                 final_status="failed",
                 reason=reason,
             )
@@ -281,7 +280,6 @@ class Dispatcher:
             1 if outcome.ok else 0,
             outcome.attempts - 1,
         ]
-        pending.count += 1
         if self._flush_task is None or self._flush_task.done():
             self._flushed.clear()
             self._flush_task = asyncio.create_task(self._flush_loop())
@@ -316,7 +314,6 @@ class Dispatcher:
                     )
                 merged = self._buffer.setdefault(batch_id, _Pending())
                 merged.args[:0] = pending.args
-                merged.count += pending.count
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -325,25 +322,8 @@ class Dispatcher:
             if int(final):
                 await self._enqueue_aggregate(batch_id)
             elif int(too_many_failures) and batch_id not in self._stopped:
-                self._stopped.add(batch_id)
                 await self._stop_for_failure_rate(batch_id)
-            await self._flush_metrics()
         self._flushed.set()
-
-    async def _flush_metrics(self) -> None:
-        counts, self._latency_counts = self._latency_counts, Counter()
-        total_ms, self._latency_sum_ms = self._latency_sum_ms, 0.0
-        if not counts:
-            return
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for bucket, n in counts.items():
-                    pipe.hincrby(keys.METRICS_LATENCY, bucket, n)
-                pipe.hincrby(keys.METRICS_LATENCY, "count", sum(counts.values()))
-                pipe.hincrbyfloat(keys.METRICS_LATENCY, "sum", total_ms)
-                await pipe.execute()
-        except Exception as exc:  # metrics are best effort; results are not
-            logger.debug("could not update latency metrics: %s", exc)
 
     async def _enqueue_aggregate(self, batch_id: str) -> None:
         # Only this worker saw the batch become final: keep trying until the job is in.
@@ -571,6 +551,14 @@ class Dispatcher:
             pipe.expire(key, max(int(self.heartbeat_s * 3), 5))
             pipe.expire(keys.worker_batches(self.worker_id), 7 * 24 * 3600)
             pipe.zadd(keys.WORKERS, {self.worker_id: now})
+            # the latency histogram for /metrics rides on the beat, off the result path
+            counts, self._latency_counts = self._latency_counts, Counter()
+            if counts:
+                for bucket, n in counts.items():
+                    pipe.hincrby(keys.METRICS_LATENCY, bucket, n)
+                pipe.hincrby(keys.METRICS_LATENCY, "count", sum(counts.values()))
+                pipe.hincrbyfloat(keys.METRICS_LATENCY, "sum", self._latency_sum_ms)
+                self._latency_sum_ms = 0.0
             await pipe.execute()
 
 
