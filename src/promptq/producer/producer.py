@@ -106,26 +106,43 @@ def parse_file(path: str | Path, *, settings: Settings) -> ParsedBatch:
 class Producer:
     """Enqueues batches into Redis and reads them back. Use as an async context manager."""
 
-    def __init__(self, redis: ArqRedis, *, settings: Settings | None = None) -> None:
-        self.redis = redis
+    def __init__(
+        self,
+        redis: ArqRedis | None = None,
+        *,
+        settings: Settings | None = None,
+        url: str | None = None,
+    ) -> None:
+        """On a client you own (``redis``), or on one it opens from ``url`` on
+        ``async with`` and closes on exit (see ``from_url``)."""
+        if (redis is None) == (url is None):
+            raise ValueError("Producer needs exactly one of a Redis client or a URL")
         self.settings = settings or Settings()
-        self.scripts = Scripts(redis)
-        self._owns_redis = False
-        self._url: str | None = None
+        self._url = url
+        self._redis = redis
+        self._scripts = Scripts(redis) if redis is not None else None
 
     @classmethod
     def from_url(cls, url: str, *, settings: Settings | None = None) -> Producer:
         """A producer that connects to ``url`` on ``async with`` and closes on exit."""
-        producer = cls.__new__(cls)
-        producer.settings = settings or Settings()
-        producer._url = url
-        producer._owns_redis = True
-        return producer
+        return cls(url=url, settings=settings)
+
+    @property
+    def redis(self) -> ArqRedis:
+        if self._redis is None:
+            raise RuntimeError("use `async with Producer.from_url(...) as producer:`")
+        return self._redis
+
+    @property
+    def scripts(self) -> Scripts:
+        if self._scripts is None:
+            raise RuntimeError("use `async with Producer.from_url(...) as producer:`")
+        return self._scripts
 
     async def __aenter__(self) -> Producer:
-        if self._url is not None and not hasattr(self, "redis"):
-            self.redis = await connect(self._url, wait_s=self.settings.redis_connect_wait_s)
-            self.scripts = Scripts(self.redis)
+        if self._url is not None and self._redis is None:
+            self._redis = await connect(self._url, wait_s=self.settings.redis_connect_wait_s)
+            self._scripts = Scripts(self._redis)
         return self
 
     async def __aexit__(
@@ -134,9 +151,9 @@ class Producer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._owns_redis and hasattr(self, "redis"):
-            await self.redis.aclose()
-            del self.redis
+        if self._url is not None and self._redis is not None:
+            await self._redis.aclose()
+            self._redis = self._scripts = None
 
     # -- submitting -----------------------------------------------------------------
 
@@ -423,14 +440,16 @@ class Batch:
     async def info(self, *, with_stats: bool = True) -> BatchInfo:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.batch(self.id))
-            pipe.hgetall(keys.stats(self.id))
-            raw, stats = await pipe.execute()
+            if with_stats:
+                pipe.hgetall(keys.stats(self.id))
+            raw, *rest = await pipe.execute()
+        stats = rest[0] if rest else None
         if not raw:
             raise BatchNotFound(self.id)
         return BatchInfo.from_redis(
             self.id,
             {decode(k): decode(v) for k, v in raw.items()},
-            {decode(k): decode(v) for k, v in stats.items()} if with_stats and stats else None,
+            {decode(k): decode(v) for k, v in stats.items()} if stats else None,
         )
 
     async def as_completed(self, *, block_ms: int = 1000) -> AsyncIterator[Result]:
@@ -493,8 +512,8 @@ class Batch:
 
     async def results(self) -> AsyncIterator[Result]:
         """Every result recorded so far (any order), without waiting."""
-        async for _cid, value in self._redis.hscan_iter(keys.results(self.id), count=1000):
-            yield Result.model_validate_json(value)
+        async for raw in self.raw_results():
+            yield Result.model_validate_json(raw)
 
     async def raw_results(self) -> AsyncIterator[bytes]:
         """Like ``results`` but the stored JSON lines, unparsed (fast export)."""
