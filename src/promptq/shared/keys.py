@@ -66,7 +66,7 @@ def events(batch_id: str) -> str:
 
 
 def batch_keys(batch_id: str) -> list[str]:
-    """All keys of a batch, in a fixed order used by the Lua scripts."""
+    """Every key of a batch (for inspection and clean-up)."""
     return [
         batch(batch_id),
         stats(batch_id),
