@@ -9,6 +9,7 @@ fail and say how to get one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from promptq.mock import MockConfig, MockServer
 from promptq.shared import keys
 from promptq.shared.connection import connect
 from promptq.shared.settings import Settings
+from promptq.worker import PromptqWorker, create_worker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -120,6 +122,29 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def in_process_worker(settings: Settings) -> AsyncIterator[PromptqWorker]:
+    """A ``PromptqWorker`` running in this event loop (its scripts can be patched), from
+    started to closed (as on SIGTERM: in-flight requests get ``shutdown_grace_s``)."""
+    worker = create_worker(
+        settings, redis=await connect(settings.redis_url_or_default), handle_signals=False
+    )
+    task = asyncio.create_task(worker.async_run())
+
+    async def ready() -> bool:
+        if task.done():
+            task.result()  # it failed to start: say why
+        return worker.ready.is_set()
+
+    try:
+        await wait_until(ready, what="the worker to start")
+        yield worker
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await worker.close()
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -23,10 +23,8 @@ import promptq.api.intake
 from promptq import Producer, Status
 from promptq.api import create_app
 from promptq.api.auth import is_loopback
-from promptq.api.lane import ChatLane, LaneClosed
 from promptq.api.state import STORE, TASKS
 from promptq.embedded import local_cluster
-from promptq.mock import expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
@@ -509,72 +507,6 @@ async def test_serve_refuses_a_public_address_without_a_token(settings: Settings
     assert proc.returncode == 2
     assert "PROMPTQ_API_TOKEN" in err.decode()
     assert "--insecure-no-auth" in err.decode()
-
-
-# -- the chat lane -----------------------------------------------------------------------
-
-
-async def test_concurrent_chat_requests_share_a_batch_and_get_their_own_answers(
-    redis: ArqRedis, settings: Settings
-) -> None:
-    async with local_cluster(settings, workers=1) as producer:
-        lane = ChatLane(producer)
-        bodies = [
-            {"model": "mock-gpt", "messages": [{"role": "user", "content": f"question {i}"}]}
-            for i in range(30)
-        ]
-        requests = [lane.validate(body) for body in bodies]
-        try:
-            answers = await asyncio.gather(*(lane.send(r, timeout_s=20) for r in requests))
-        finally:
-            await lane.close()
-    assert len({batch_id for _line, batch_id in answers}) == 1  # enqueued together
-    for body, request, (line, _batch_id) in zip(bodies, requests, answers, strict=True):
-        assert line["custom_id"] == request.custom_id
-        content = line["response"]["body"]["choices"][0]["message"]["content"]
-        assert content == expected_content(body)
-    assert await redis.zcard(keys.BATCHES) == 0  # not listed once answered
-
-
-async def test_the_chat_lane_caps_batches_in_flight(redis: ArqRedis, settings: Settings) -> None:
-    def body(text: str) -> dict[str, Any]:
-        return {"model": "mock-gpt", "messages": [{"role": "user", "content": text}]}
-
-    async with local_cluster(settings, workers=1) as producer:
-        lane = ChatLane(producer, max_batches=1)
-        try:
-            slow = asyncio.create_task(
-                lane.send(lane.validate(body("slow [[mock latency_ms=400]]")), timeout_s=20)
-            )
-            await wait_until(lambda: redis.keys("promptq:batch:{chat_*}"), what="a chat batch")
-            # while the slow one is in flight, the next ones wait and then go together
-            second = asyncio.create_task(lane.send(lane.validate(body("a")), timeout_s=20))
-
-            async def second_waits() -> bool:
-                return lane.queued == 1
-
-            await wait_until(second_waits, what="the second request to wait its turn")
-            third = asyncio.create_task(lane.send(lane.validate(body("b")), timeout_s=20))
-            (_, first_batch), (_, b2), (_, b3) = await asyncio.gather(slow, second, third)
-        finally:
-            await lane.close()
-    assert b2 == b3 != first_batch
-
-
-async def test_closing_the_chat_lane_answers_whoever_still_waits(
-    redis: ArqRedis, settings: Settings
-) -> None:
-    lane = ChatLane(Producer(redis, settings=settings))  # no worker: nothing gets answered
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    waiting = asyncio.create_task(lane.send(lane.validate(body), timeout_s=20))
-
-    async def enqueued() -> bool:
-        return int(await redis.zcard(keys.QUEUE)) > 0
-
-    await wait_until(enqueued, what="the chat request to be enqueued")
-    await lane.close()
-    with pytest.raises(LaneClosed):
-        await waiting
 
 
 async def test_a_full_queue_is_429_with_retry_after(redis: ArqRedis, settings: Settings) -> None:

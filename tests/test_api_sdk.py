@@ -241,12 +241,17 @@ async def test_sdk_chat_completion_goes_through_the_queue(
     worker_procs.start(1)
     await worker_procs.wait_ready(redis, 1)
     messages: Any = [{"role": "user", "content": "what is promptq?"}]
-    answer = await client.chat.completions.create(model="mock-gpt", messages=messages)
+    raw = await client.chat.completions.with_raw_response.create(
+        model="mock-gpt", messages=messages
+    )
+    answer = raw.parse()
     assert answer.choices[0].message.content == expected_content({"messages": messages})
     assert mock.stats.requests == 1  # sent by a worker, not by the API
-    [chat_batch] = [k async for k in redis.scan_iter(match="promptq:batch:{chat_*}")]
-    assert await redis.hget(chat_batch, "priority") == b"urgent"
-    assert await redis.zcard(keys.BATCHES) == 0  # chat requests are not listed as batches
+    assert len(raw.headers["x-promptq-request-id"]) == 32
+    # the chat lane makes no batch and leaves nothing behind once answered
+    assert [k async for k in redis.scan_iter(match="promptq:batch:*")] == []
+    assert await redis.zcard(keys.BATCHES) == 0
+    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []
 
     # the upstream's own error comes back with its status
     bad: Any = [{"role": "user", "content": "x [[mock status=400]]"}]

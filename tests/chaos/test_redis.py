@@ -25,13 +25,13 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq import Producer, Status
+from promptq.api.lane import ChatLane
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer
 from promptq.shared.connection import connect, redis_health
 from promptq.shared.settings import Settings
-from promptq.worker import PromptqWorker, create_worker
 
-from ..conftest import WorkerProcs, free_port, wait_until
+from ..conftest import WorkerProcs, free_port, in_process_worker, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -194,6 +194,50 @@ async def test_redis_killed_and_restarted_mid_batch_loses_nothing(
     assert len(warnings) <= 8, "\n".join(warnings)
 
 
+@pytest.mark.parametrize("outage_s", [0.0, 4.0], ids=["restart", "down-4s"])
+async def test_redis_killed_and_restarted_with_chat_requests_in_flight(
+    outage_s: float,
+    settings: Settings,
+    slow_mock: MockServer,
+    private_redis: PrivateRedis,
+    worker_procs: WorkerProcs,
+) -> None:
+    """Queued, claimed and answered-but-unread chat requests all live in Redis (AOF):
+    every waiting handler gets its answer once Redis is back."""
+    settings = settings.model_copy(
+        update={"redis_url": private_redis.url, "upstream_url": slow_mock.url, "concurrency": 10}
+    )
+    worker_procs.settings = settings
+    worker_procs.start(2)
+    client = await connect(private_redis.url)
+    try:
+        await worker_procs.wait_ready(client, 2)
+    finally:
+        await client.aclose()
+    bodies = [
+        {"model": "mock-gpt", "messages": [{"role": "user", "content": f"r{i}"}]} for i in range(60)
+    ]
+    async with Producer.from_url(private_redis.url, settings=settings) as producer:
+        lane = ChatLane(producer)
+        try:
+            sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
+
+            async def some_answered() -> bool:
+                return sum(t.done() for t in sent) >= 5
+
+            await wait_until(some_answered, timeout_s=30, what="the first answers")
+            private_redis.kill()
+            await asyncio.sleep(outage_s)  # the fault itself: Redis stays down this long
+            await private_redis.start()
+            answers = await asyncio.wait_for(asyncio.gather(*sent), 60)
+        finally:
+            await lane.close()
+    assert len({chat_id for _line, chat_id in answers}) == 60
+    assert all(line["error"] is None for line, _id in answers)
+    assert all(proc.poll() is None for proc in worker_procs.procs), worker_procs.log_text()
+    assert "Traceback" not in worker_procs.log_text()
+
+
 def test_worker_exits_with_a_clear_message_when_redis_is_unreachable() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROMPTQ_")}
     env.update(PROMPTQ_REDIS_URL="redis://127.0.0.1:1", PROMPTQ_REDIS_CONNECT_WAIT_S="0.3")
@@ -216,12 +260,7 @@ async def test_requests_claimed_by_a_lost_reply_are_handed_back(
 ) -> None:
     """Redis ran a claim but the reply never came back; redis-py sent it again. The
     requests of the first claim are marked as the worker's, yet it never got them."""
-    worker = create_worker(
-        settings, redis=await connect(settings.redis_url_or_default), handle_signals=False
-    )
-    task = asyncio.create_task(worker.async_run())
-    try:
-        await wait_until(lambda: _ready(worker, task), what="the worker to start")
+    async with in_process_worker(settings) as worker:
         dispatcher = worker.dispatcher
         assert dispatcher is not None
         real_claim = dispatcher.scripts.claim
@@ -239,20 +278,48 @@ async def test_requests_claimed_by_a_lost_reply_are_handed_back(
             await batch.wait(timeout_s=20)
             info = await batch.info()
             results = [r async for r in batch.results()]
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
     assert lost  # the scenario happened
     assert info.status is Status.COMPLETED
     assert (info.succeeded, info.failed) == (40, 0)
     assert len({r.custom_id for r in results}) == len(results) == 40
 
 
-async def _ready(worker: PromptqWorker, task: asyncio.Task[None]) -> bool:
-    if task.done():
-        task.result()
-    return worker.ready.is_set()
+async def test_chat_requests_claimed_by_a_lost_reply_are_handed_back(
+    redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat lane's version: the claim moved requests into the worker's hash, the
+    reply was lost, the worker never started them; the recheck after the disruption
+    puts them back in the chat queue and they are answered."""
+    async with in_process_worker(settings) as worker:
+        dispatcher = worker.dispatcher
+        assert dispatcher is not None
+        real_claim = dispatcher.scripts.chat_claim
+        lost: list[bytes] = []
+
+        async def claim_with_a_lost_reply(**kwargs: Any) -> Any:
+            entries = await real_claim(**kwargs)
+            if entries and not lost:
+                lost.extend(entries)  # ran, reply lost
+                redis_health.disruptions += 1  # what redis-py's retry reports
+                return []
+            return entries
+
+        monkeypatch.setattr(dispatcher.scripts, "chat_claim", claim_with_a_lost_reply)
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            lane = ChatLane(p)
+            try:
+                bodies = [
+                    {"model": "mock-gpt", "messages": [{"role": "user", "content": f"c{i}"}]}
+                    for i in range(10)
+                ]
+                answers = await asyncio.gather(
+                    *(lane.send(lane.validate(b), timeout_s=20) for b in bodies)
+                )
+            finally:
+                await lane.close()
+    assert lost  # the scenario happened
+    assert all(line["error"] is None for line, _id in answers)
+    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []
 
 
 async def test_an_acl_user_limited_to_promptq_keys_runs_a_batch(

@@ -6,6 +6,7 @@ are in flight when the fault hits.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,8 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq import Batch, Producer, Status
-from promptq.mock import MockConfig, MockServer
+from promptq.api.lane import ChatLane
+from promptq.mock import MockConfig, MockServer, expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
@@ -140,3 +142,42 @@ async def test_rolling_restart_of_every_worker_loses_nothing(
             await worker_procs.wait_ready(redis, 2)
         await batch.wait(timeout_s=90)
         await check_exactly_once(batch, 300)
+
+
+async def chat_held_by(redis: ArqRedis, pid: int) -> int:
+    """How many chat requests the worker process ``pid`` holds right now."""
+    for raw in await redis.zrange(keys.WORKERS, 0, -1):
+        worker_id = raw.decode()
+        beat_pid = await redis.hget(keys.worker(worker_id), "pid")
+        if beat_pid is not None and int(beat_pid) == pid:
+            return int(await redis.hlen(keys.worker_chat(worker_id)))
+    return 0
+
+
+async def test_sigkill_with_chat_requests_in_flight_answers_each_of_them(
+    redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
+) -> None:
+    settings = use(settings, slow_mock, worker_procs)
+    worker_procs.start(1)
+    await worker_procs.wait_ready(redis, 1)
+    bodies = [
+        {"model": "mock-gpt", "messages": [{"role": "user", "content": f"chat {i}"}]}
+        for i in range(30)
+    ]
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
+        lane = ChatLane(producer)
+        try:
+            sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
+            pid = worker_procs.procs[0].pid
+            await wait_until(lambda: chat_held_by(redis, pid), what="the worker to take some")
+            worker_procs.kill(0)
+            worker_procs.start(1)  # the survivor finds the dead one's requests
+            answers = await asyncio.gather(*sent)
+        finally:
+            await lane.close()
+    for b, (line, chat_id) in zip(bodies, answers, strict=True):
+        assert line["custom_id"] == chat_id
+        assert line["response"]["body"]["choices"][0]["message"]["content"] == expected_content(b)
+    assert "handed" in worker_procs.log_text()
+    assert "chat request(s) back" in worker_procs.log_text()
+    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []

@@ -67,14 +67,14 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     redis = await connect(
         settings.redis_url_or_default,
         wait_s=settings.redis_connect_wait_s,
-        # each waiting chat request and each results follower holds a connection
+        # each results follower holds a connection while it waits, as does the chat
+        # lane's listener
         max_connections=settings.api_redis_connections,
     )
     producer = Producer(redis, settings=settings)
     app[PRODUCER] = producer
     app[STORE] = ApiStore(redis)
-    # half the connections for the chat lane's followers, the rest for everything else
-    app[LANE] = ChatLane(producer, max_batches=max(1, settings.api_redis_connections // 2))
+    app[LANE] = ChatLane(producer)
     try:
         yield
     finally:

@@ -17,7 +17,7 @@ from promptq.api.errors import (
     read_json_object,
 )
 from promptq.api.intake import expire_stale_validation, validate_and_enqueue
-from promptq.api.objects import CHAT_BATCH_PREFIX, COMPLETION_WINDOW, batch_object
+from promptq.api.objects import COMPLETION_WINDOW, batch_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
 from promptq.api.store import StoredBatch
 from promptq.api.streaming import stream_lines
@@ -219,9 +219,8 @@ async def list_batches(request: web.Request) -> web.Response:
             break  # the page's last batch expired meanwhile
         if not ids:
             break
-        wanted = [i for i in ids if not i.startswith(CHAT_BATCH_PREFIX)]
-        batches = await store.batches(wanted)
-        gone = [i for i, b in zip(wanted, batches, strict=True) if b is None]
+        batches = await store.batches(ids)
+        gone = [i for i, b in zip(ids, batches, strict=True) if b is None]
         if gone:
             await store.redis.zrem(keys.BATCHES, *gone)  # expired
         found += [b for b in batches if b is not None]

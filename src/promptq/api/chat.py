@@ -1,7 +1,7 @@
 """``POST /v1/chat/completions``: one request through the queue on the urgent lane.
 
-The request goes into an urgent batch (see ``api.lane``: concurrent requests share
-one); the handler answers with the upstream's final status and body once a worker is
+The request goes into the chat queue, which workers serve before any batch work (see
+``api.lane``); the handler answers with the upstream's final status and body once a worker is
 done with it, retries included. When no upstream answer came back (timeouts,
 connection errors) it answers 502 (504 for a timeout) in the OpenAI error shape.
 """
@@ -19,7 +19,7 @@ from promptq.api.errors import (
     queue_full,
     read_json_object,
 )
-from promptq.api.lane import LaneClosed, ResultLost
+from promptq.api.lane import LaneClosed
 from promptq.api.state import LANE, SETTINGS
 from promptq.shared.errors import InputError, QueueFull
 
@@ -35,10 +35,10 @@ def _invalid(exc: InputError) -> ApiError:
     )
 
 
-def _answer(line: dict[str, Any], batch_id: str) -> web.Response:
+def _answer(line: dict[str, Any], chat_id: str) -> web.Response:
     response = line.get("response") or {}
     error = line.get("error")
-    headers = {"x-promptq-batch-id": batch_id}
+    headers = {"x-promptq-request-id": chat_id}
     if response.get("request_id"):
         headers["x-request-id"] = str(response["request_id"])
     status = response.get("status_code")
@@ -75,7 +75,7 @@ async def chat_completions(request: web.Request) -> web.Response:
         raise _invalid(exc) from exc
     timeout_s = request.app[SETTINGS].api_chat_timeout_s
     try:
-        line, batch_id = await lane.send(queued, timeout_s=timeout_s)
+        line, chat_id = await lane.send(queued, timeout_s=timeout_s)
     except QueueFull as exc:
         raise queue_full(str(exc)) from exc
     except TimeoutError:
@@ -94,11 +94,4 @@ async def chat_completions(request: web.Request) -> web.Response:
             code="shutting_down",
             headers={"Retry-After": "1"},
         ) from exc
-    except ResultLost as exc:
-        raise ApiError(
-            502,
-            f"The request got no result: {exc} (was it cancelled?).",
-            type=UPSTREAM_ERROR,
-            code="no_result",
-        ) from exc
-    return _answer(line, batch_id)
+    return _answer(line, chat_id)

@@ -1,105 +1,116 @@
-"""The chat lane: chat completion requests through the queue, grouped on the way in.
+"""The chat lane: chat completion requests through the queue, without batches.
 
-Each ``POST /v1/chat/completions`` could be a batch of its own, but a batch costs a
-fixed amount of work on both sides (creating it, a claim ticket, an aggregator job,
-its keys): at a few hundred requests a second that fixed cost, not the requests,
-would fill the CPUs. So requests waiting to be enqueued go together: one submitter
-task enqueues whatever has arrived as one urgent batch, then the next group while
-the first is on its way, and one follower per batch hands each result to its waiting
-handler. Under light load a group is one request and nothing waits for company; under
-heavy load groups grow by themselves, with no timer and no added latency.
+A batch costs a claim ticket, an aggregator job and a handful of keys: noise next to
+bulk work, most of the cost of one interactive request. So ``POST
+/v1/chat/completions`` goes through a lighter path (``shared.chatqueue``):
 
-Results are per request (each has its own custom_id), so one request's failure does
-not touch its neighbours. A request whose handler gave up before it was enqueued is
-dropped from its group; once enqueued it runs (a batch cannot drop one request).
+1. the handler's request becomes one entry of the chat queue (``promptq:{chat}:queue``);
+   one submitter task pushes whatever arrived meanwhile in one round trip and
+   publishes a ``chat`` wake-up, so groups grow with load and nothing waits for a timer;
+2. a worker with a free slot takes it, before any batch work, and sends it with the
+   same retries and cluster-wide rate limits as bulk requests;
+3. the worker pushes the result line to this replica's reply list
+   (``promptq:{chat}:replies:<replica id>``); one listener task (``BLMPOP``) hands
+   each line to its waiting handler.
+
+Nothing lives only in this process: if it dies, queued entries still run and their
+answers expire with the reply list. An entry carries its handler's deadline, so
+workers do not send requests whose handler already answered 504.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import uuid
+import time
 from typing import Any
 
 import orjson
 
-from promptq.api.objects import CHAT_BATCH_PREFIX
-from promptq.api.streaming import closing
 from promptq.producer import Producer
-from promptq.producer.parsing import ParsedBatch, parse_items
+from promptq.producer.parsing import parse_items
 from promptq.shared import keys
-from promptq.shared.models import CHAT_ENDPOINT, Priority, QueuedRequest
+from promptq.shared.chatqueue import ChatEntry, new_chat_id
+from promptq.shared.connection import is_redis_outage, redis_health
+from promptq.shared.models import CHAT_ENDPOINT, QueuedRequest
 
 logger = logging.getLogger(__name__)
 
-#: at most this many requests go into one batch
+#: at most this many requests per push
 MAX_GROUP = 1000
-#: chat answers are returned inline; their batch is kept this long only for debugging
-CHAT_RESULT_TTL_S = 3600
+#: the listener's BLMPOP blocks this long, then asks again
+LISTEN_BLOCK_S = 1.0
 
 
 class LaneClosed(Exception):
     """The API process is shutting down; the request was not answered."""
 
 
-class ResultLost(Exception):
-    """The request's batch ended without a result for it (e.g. it was cancelled)."""
-
-
-#: what a waiting handler gets: (result line, id of the batch it ran in)
-Answer = tuple[dict[str, Any], str]
-
-
 class ChatLane:
-    """Groups chat requests into urgent batches and routes their results back."""
+    """Queues chat requests and routes their answers back to the waiting handlers."""
 
-    def __init__(self, producer: Producer, *, max_batches: int = 512) -> None:
+    def __init__(self, producer: Producer) -> None:
         self._producer = producer
-        # Each batch in flight has a follower holding a Redis connection while it waits;
-        # at the cap the submitter waits for one to end, and groups grow meanwhile.
-        self._slots = asyncio.Semaphore(max_batches)
-        self._queued: list[tuple[QueuedRequest, asyncio.Future[Answer]]] = []
-        self._waiting: dict[str, asyncio.Future[Answer]] = {}
+        #: this replica's id: workers push its answers to ``keys.chat_replies(id)``
+        self.replica_id = new_chat_id()
+        self._reply_key = keys.chat_replies(self.replica_id)
+        self._queued: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]] = []
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._arrived = asyncio.Event()
-        self._submitter: asyncio.Task[None] | None = None
-        self._followers: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
 
     @property
     def queued(self) -> int:
-        """Requests waiting to be enqueued."""
+        """Requests waiting to be pushed to Redis."""
         return len(self._queued)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their answer."""
+        return len(self._waiting)
 
     def validate(self, body: dict[str, Any]) -> QueuedRequest:
         """The request as it will be queued; raises ``InputError`` if the body is invalid."""
-        item = {
-            "custom_id": f"chat-{uuid.uuid4().hex}",
-            "method": "POST",
-            "url": CHAT_ENDPOINT,
-            "body": body,
-        }
+        item = {"custom_id": "chat", "method": "POST", "url": CHAT_ENDPOINT, "body": body}
         parsed = parse_items([item], default_model=self._producer.settings.model)
         return parsed.requests[0]
 
-    async def send(self, request: QueuedRequest, *, timeout_s: float) -> Answer:
-        """Enqueue ``request`` and wait for its result line. Raises ``TimeoutError``."""
-        if self._submitter is None or self._submitter.done():
-            self._submitter = asyncio.create_task(self._submit_loop(), name="chat lane")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiting[request.custom_id] = future
-        self._queued.append((request, future))
+    async def send(self, request: QueuedRequest, *, timeout_s: float) -> tuple[dict[str, Any], str]:
+        """Queue ``request`` and wait for its result line; returns (line, request id).
+
+        Raises ``TimeoutError`` after ``timeout_s`` (workers then drop the request if
+        they have not started it), ``QueueFull`` (PROMPTQ_MAX_QUEUED), ``LaneClosed``,
+        or the Redis error that kept it from being queued.
+        """
+        if self._closed:
+            raise LaneClosed("the server is shutting down")
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._submit_loop(), name="chat lane submitter"),
+                asyncio.create_task(self._listen_loop(), name="chat lane listener"),
+            ]
+        entry = ChatEntry(
+            id=new_chat_id(),
+            body=request.body,
+            replica=self.replica_id,
+            deadline=round(time.time() + timeout_s, 3),
+        )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[entry.id] = future
+        self._queued.append((entry, future))
         self._arrived.set()
         try:
             async with asyncio.timeout(timeout_s):
-                return await future  # a timeout cancels it: the submitter skips it
+                return await future, entry.id  # a timeout cancels it: it is not pushed
         finally:
-            self._waiting.pop(request.custom_id, None)
+            self._waiting.pop(entry.id, None)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._submitter, *self._followers) if t is not None]
-        for task in tasks:
+        self._closed = True
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LaneClosed("the server is shutting down"))
@@ -109,69 +120,58 @@ class ChatLane:
             await self._arrived.wait()
             self._arrived.clear()
             while self._queued:
-                await self._slots.acquire()  # released when the group's follower ends
-                group = [(r, f) for r, f in self._queued[:MAX_GROUP] if not f.done()]
+                group = [(e, f) for e, f in self._queued[:MAX_GROUP] if not f.done()]
                 del self._queued[:MAX_GROUP]
                 if group:
-                    await self._submit(group)
-                else:
-                    self._slots.release()
+                    await self._push(group)
 
-    async def _submit(self, group: list[tuple[QueuedRequest, asyncio.Future[Answer]]]) -> None:
-        requests = [
-            QueuedRequest(custom_id=r.custom_id, body=r.body, line=i)
-            for i, (r, _f) in enumerate(group, start=1)
-        ]
-        models = {str(r.body.get("model", "")) for r in requests}
-        parsed = ParsedBatch(
-            requests=requests,
-            endpoint=CHAT_ENDPOINT,
-            model=models.pop() if len(models) == 1 else "mixed",
-        )
-        batch_id = f"{CHAT_BATCH_PREFIX}{uuid.uuid4().hex}"
+    async def _push(self, group: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
-            await self._producer.submit(
-                parsed,
-                batch_id=batch_id,
-                priority=Priority.URGENT,
-                result_ttl_s=CHAT_RESULT_TTL_S,  # answered inline; kept only to debug
-            )
-        except Exception as exc:  # Redis trouble: every handler of the group answers it
-            self._slots.release()
-            for _r, future in group:
+            await self._producer.check_backpressure(len(group))
+            async with self._producer.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(keys.CHAT_QUEUE, *(entry.encode() for entry, _f in group))
+                pipe.publish(keys.WAKEUP_CHANNEL, keys.CHAT_WAKEUP)
+                await pipe.execute()
+        except Exception as exc:  # queue full, Redis trouble: each handler answers it
+            for _entry, future in group:
                 if not future.done():
                     future.set_exception(exc)
-            return
-        follower = asyncio.create_task(
-            self._follow(batch_id, {r.custom_id for r in requests}), name=f"follow {batch_id}"
-        )
-        self._followers.add(follower)
-        follower.add_done_callback(self._followers.discard)
 
-    async def _follow(self, batch_id: str, expected: set[str]) -> None:
-        error: Exception = ResultLost(f"batch {batch_id} ended without this request's result")
-        try:
-            results = self._producer.batch(batch_id).as_completed_raw()
-            async with closing(results):
-                async for raw in results:
+    async def _listen_loop(self) -> None:
+        redis = self._producer.redis
+        delay = 0.1
+        while True:
+            try:
+                reply = await redis.blmpop(  # type: ignore[misc]
+                    LISTEN_BLOCK_S,
+                    1,
+                    self._reply_key,  # type: ignore[arg-type]  # redis-py types *keys as lists
+                    direction="LEFT",
+                    count=MAX_GROUP,
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # answers wait in the list until Redis is back
+                if is_redis_outage(exc):
+                    redis_health.failed(exc, doing="waiting for chat answers")
+                else:
+                    logger.warning("chat answers: %s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if delay > 0.1:
+                redis_health.ok()
+                delay = 0.1
+            if not reply:
+                continue
+            for raw in reply[1]:
+                try:
                     line = orjson.loads(raw)
-                    expected.discard(line["custom_id"])
                     future = self._waiting.get(line["custom_id"])
-                    if future is not None and not future.done():
-                        future.set_result((line, batch_id))
-                    if not expected:
-                        break
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            logger.warning("lost track of chat batch %s: %s", batch_id, exc)
-            error = exc
-        finally:
-            self._slots.release()
-            # Chat batches are not listed (GET /v1/batches, the /metrics queue scan).
-            with contextlib.suppress(Exception):
-                await self._producer.redis.zrem(keys.BATCHES, batch_id)
-        for custom_id in expected:
-            future = self._waiting.get(custom_id)
-            if future is not None and not future.done():
-                future.set_exception(error)
+                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                    logger.error("dropped an unreadable chat answer: %s", exc)
+                    continue
+                if future is not None and not future.done():
+                    future.set_result(line)
+                # else: its handler timed out, or the request ran twice (a worker was
+                # presumed dead while it still worked): the first answer won

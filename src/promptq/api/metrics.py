@@ -3,8 +3,8 @@
 Every replica reports the same cluster-wide numbers (nothing is counted in the API
 process): live workers' heartbeats (``promptq:worker:<id>``: in flight, succeeded,
 failed, retries; counters carry a ``worker`` label so a restart reads as a counter
-reset), queued requests (``LLEN`` of the pending lists of the latest
-``SCANNED_BATCHES`` batches that are still running), batches by status, and the
+reset), queued requests (``LLEN`` of the chat queue and of the pending lists of the
+latest ``SCANNED_BATCHES`` batches that are still running), batches by status, and the
 request latency histogram the workers keep in ``promptq:metrics:latency_ms``.
 """
 
@@ -52,7 +52,9 @@ async def read_snapshot(redis: ArqRedis, *, heartbeat_s: float) -> Snapshot:
         pipe.zrangebyscore(keys.WORKERS, since, "+inf")
         pipe.zrevrange(keys.BATCHES, 0, SCANNED_BATCHES - 1)
         pipe.hgetall(keys.METRICS_LATENCY)
-        worker_ids, batch_ids, latency = await pipe.execute()
+        pipe.llen(keys.CHAT_QUEUE)
+        worker_ids, batch_ids, latency, chat_queued = await pipe.execute()
+    snap.queued = int(chat_queued)
     snap.latency = {decode(k): decode(v) for k, v in latency.items()}
     async with redis.pipeline(transaction=False) as pipe:
         for worker_id in worker_ids:
@@ -75,7 +77,7 @@ async def read_snapshot(redis: ArqRedis, *, heartbeat_s: float) -> Snapshot:
         async with redis.pipeline(transaction=False) as pipe:
             for batch_id in running:
                 pipe.llen(keys.pending(batch_id))
-            snap.queued = sum(int(n) for n in await pipe.execute())
+            snap.queued += sum(int(n) for n in await pipe.execute())
     return snap
 
 
@@ -97,7 +99,8 @@ class SnapshotCollector(Collector):
         yield GaugeMetricFamily("promptq_workers", "Live worker processes.", len(snap.workers))
         yield GaugeMetricFamily(
             "promptq_requests_queued",
-            f"Requests waiting for a worker (running batches among the latest {SCANNED_BATCHES}).",
+            "Requests waiting for a worker (the chat queue, and running batches among the "
+            f"latest {SCANNED_BATCHES}).",
             snap.queued,
         )
         yield GaugeMetricFamily(

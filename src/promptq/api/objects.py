@@ -22,10 +22,6 @@ from promptq.shared.models import CHAT_ENDPOINT
 COMPLETION_WINDOW = "24h"
 COMPLETION_WINDOW_S = 24 * 3600
 
-#: Batches behind POST /v1/chat/completions (one request each) have ids with this prefix;
-#: GET /v1/batches does not list them.
-CHAT_BATCH_PREFIX = "chat_"
-
 OUTPUT_PREFIX = "file-out-"
 ERROR_PREFIX = "file-err-"
 

@@ -220,16 +220,21 @@ class Producer:
         return Batch(self, batch_id)
 
     async def queued_requests(self) -> int:
-        """Requests waiting in every queued or running batch (not yet claimed)."""
-        active = [decode(b) for b in await self.redis.smembers(keys.ACTIVE)]  # type: ignore[misc]
+        """Requests waiting in every queued or running batch and in the chat queue (not
+        yet claimed)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.llen(keys.CHAT_QUEUE)
+            pipe.smembers(keys.ACTIVE)
+            chat, members = await pipe.execute()
+        queued = int(chat)
+        active = [decode(b) for b in members]
         if not active:
-            return 0
+            return queued
         async with self.redis.pipeline(transaction=False) as pipe:
             for batch_id in active:
                 pipe.llen(keys.pending(batch_id))
                 pipe.hget(keys.batch(batch_id), "status")
             replies = await pipe.execute()
-        queued = 0
         for batch_id, length, status in zip(active, replies[::2], replies[1::2], strict=True):
             if status is None or decode(status) not in ("queued", "in_progress"):
                 await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]

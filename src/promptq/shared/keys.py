@@ -88,6 +88,32 @@ def worker_batches(worker_id: str) -> str:
     return f"{worker(worker_id)}:batches"
 
 
+# -- the chat lane (POST /v1/chat/completions) ---------------------------------------------
+# Chat requests skip batches: they wait in one list that workers pop from before any
+# batch work. All chat keys share the ``{chat}`` hash tag so one script can move an
+# entry between them (Redis Cluster).
+
+#: List: chat requests waiting for a worker, each ``<32 hex id><JSON>`` (``api.lane``).
+CHAT_QUEUE = f"{PREFIX}:{{chat}}:queue"
+#: Wake-up message that says "chat requests are waiting" (any other says "poll arq").
+CHAT_WAKEUP = b"chat"
+#: Length of a chat request id (uuid4 hex), the prefix of its queue entry.
+CHAT_ID_LEN = 32
+#: Chat request ids (and API replica ids) are hex: safe inside keys and Lua.
+CHAT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def worker_chat(worker_id: str) -> str:
+    """Hash: chat requests a worker has taken and not answered, id -> queue entry (a
+    dead worker's go back to the front of the chat queue)."""
+    return f"{PREFIX}:{{chat}}:worker:{worker_id}"
+
+
+def chat_replies(replica_id: str) -> str:
+    """List with a TTL: result lines for the API replica that is waiting for them."""
+    return f"{PREFIX}:{{chat}}:replies:{replica_id}"
+
+
 #: Hash: latency histogram of finished requests, fields = bucket upper bounds in ms
 #: (non-cumulative counts) plus ``sum`` (ms) and ``count``; read by /metrics.
 METRICS_LATENCY = f"{PREFIX}:metrics:latency_ms"

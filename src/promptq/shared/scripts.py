@@ -1,7 +1,8 @@
 """Lua scripts: every multi-step change of a batch's state is one atomic script.
 
-Each script touches the keys of one batch only (all share the ``{ID}`` hash tag), so
-they run unchanged on Redis Cluster. Timestamps come from Redis' own clock (``TIME``),
+Each script touches the keys of one batch only (all share the ``{ID}`` hash tag) or
+the chat lane's keys only (all share ``{chat}``), so they run unchanged on Redis
+Cluster. Timestamps come from Redis' own clock (``TIME``),
 one clock for producers and workers on every machine.
 """
 
@@ -227,6 +228,57 @@ return n
 """
 
 
+# KEYS: chat queue, the worker's chat hash. ARGV: max count.
+# A worker takes up to N chat requests: popped from the queue and kept in its hash
+# (id = the entry's first 32 characters) until answered. Returns the entries.
+CHAT_CLAIM = """
+local entries = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
+if not entries then return {} end
+for _, e in ipairs(entries) do
+  redis.call('HSET', KEYS[2], string.sub(e, 1, 32), e)
+end
+return entries
+"""
+
+# KEYS: the worker's chat hash, reply lists... ARGV: TTL seconds, then per answer:
+# index of its reply list in KEYS (0: none, the request expired unanswered), id, line.
+# Answers chat requests: each line goes to its API replica's reply list and the request
+# leaves the worker's hash. Returns how many lines were pushed.
+CHAT_REPLY = """
+local pushed = 0
+local touched = {}
+for i = 2, #ARGV, 3 do
+  local k = tonumber(ARGV[i])
+  redis.call('HDEL', KEYS[1], ARGV[i + 1])
+  if k > 0 then
+    redis.call('RPUSH', KEYS[k], ARGV[i + 2])
+    touched[k] = true
+    pushed = pushed + 1
+  end
+end
+for k, _ in pairs(touched) do redis.call('EXPIRE', KEYS[k], tonumber(ARGV[1])) end
+return pushed
+"""
+
+# KEYS: chat queue, a worker's chat hash. ARGV: ids (none: all of them).
+# Hands unanswered chat requests back to the front of the queue (a worker shutting
+# down, a dead worker, a claim whose reply was lost). Returns how many.
+CHAT_REQUEUE = """
+local ids = ARGV
+if #ids == 0 then ids = redis.call('HKEYS', KEYS[2]) end
+local n = 0
+for _, id in ipairs(ids) do
+  local e = redis.call('HGET', KEYS[2], id)
+  if e then
+    redis.call('HDEL', KEYS[2], id)
+    redis.call('LPUSH', KEYS[1], e)
+    n = n + 1
+  end
+end
+return n
+"""
+
+
 class Scripts:
     """The scripts registered on one Redis client (EVALSHA with EVAL fallback)."""
 
@@ -239,6 +291,9 @@ class Scripts:
         self.release = redis.register_script(RELEASE)
         self.stop = redis.register_script(STOP)
         self.requeue_dead = redis.register_script(REQUEUE_DEAD)
+        self.chat_claim = redis.register_script(CHAT_CLAIM)
+        self.chat_reply = redis.register_script(CHAT_REPLY)
+        self.chat_requeue = redis.register_script(CHAT_REQUEUE)
 
 
 def decode(value: Any) -> str:

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     )
     api_redis_connections: PositiveInt = Field(
         default=1024,
-        description="Redis connections per API process (each waiting chat request or "
-        "results follower holds one)",
+        description="Redis connections per API process (each results follower holds one "
+        "while it waits)",
     )
 
     @field_validator("redis_url")

@@ -11,6 +11,12 @@ Results are buffered and written in groups (one Lua call per batch per flush): w
 flush is on the wire the next group fills, so a busy worker makes few round trips and
 an idle one adds no delay.
 
+Chat requests (``POST /v1/chat/completions``, see ``shared.chatqueue``) skip batches
+and tickets: a worker takes them from the chat queue itself, whenever a slot is free
+and before any batch work, when told over pub/sub that some are waiting (and every
+poll interval, in case a message was missed). Answers go straight back to the waiting
+API replica.
+
 Recovery: every claimed request is marked with the claiming worker's id in the batch's
 ``:inflight`` hash, and each worker lists the batches it claimed from. A worker whose
 heartbeat key has expired is dead; the next live worker's heartbeat loop puts its
@@ -21,6 +27,7 @@ with HSETNX, so a request that a stalled (not dead) worker also finishes counts 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -34,6 +41,7 @@ from typing import Any
 from arq.connections import ArqRedis
 
 from promptq.shared import keys, serialization
+from promptq.shared.chatqueue import BadChatEntry, ChatEntry
 from promptq.shared.connection import REDIS_DOWN, is_redis_outage, redis_health
 from promptq.shared.errors import UpstreamError
 from promptq.shared.lifecycle import (
@@ -43,7 +51,7 @@ from promptq.shared.lifecycle import (
     enqueue_ticket,
     stop_batch,
 )
-from promptq.shared.models import QueuedRequest
+from promptq.shared.models import CHAT_ENDPOINT, QueuedRequest
 from promptq.shared.scripts import Scripts, decode
 from promptq.worker.fetch import Fetcher, Outcome
 
@@ -58,6 +66,11 @@ STOP_BATCH_STATUSES = frozenset({401, 403})
 #: adaptive concurrency: at most one multiplicative decrease per this many seconds
 AIMD_DECREASE_GAP_S = 1.0
 AIMD_DECREASE_FACTOR = 0.7
+#: at most this many chat requests per claim (bounds one script call)
+CHAT_CLAIM_MAX = 500
+#: a chat reply list lives this long after its last answer (its replica reads it at once;
+#: a replica that died leaves it to expire)
+CHAT_REPLY_TTL_S = 600
 
 
 def new_worker_id() -> str:
@@ -88,6 +101,7 @@ class Dispatcher:
         heartbeat_s: float = 2.0,
         upstream_label: str = "",
         adaptive: bool = False,
+        chat_poll_s: float = 0.5,
     ) -> None:
         self.redis = redis
         self.fetcher = fetcher
@@ -123,6 +137,16 @@ class Dispatcher:
         self._stopped: set[str] = set()
         self._latency_counts: Counter[str] = Counter()
         self._latency_sum_ms = 0.0
+        # the chat lane
+        self.chat_poll_s = chat_poll_s
+        #: set to make the chat loop try the chat queue now
+        self.chat_wanted = asyncio.Event()
+        #: chat requests may be waiting (a claim came back full, or a wake-up came while
+        #: every slot was busy): each slot that frees tries the chat queue first
+        self.chat_backlog = False
+        self._chat_tasks: dict[asyncio.Task[None], str] = {}
+        self._chat_replies: list[tuple[str, str, bytes]] = []  # (id, replica, line)
+        self._chat_loop_task: asyncio.Task[None] | None = None
 
     # -- capacity -------------------------------------------------------------------
 
@@ -154,7 +178,19 @@ class Dispatcher:
 
     @property
     def idle(self) -> bool:
-        return not self._tasks and not self._buffer and self._flushed.is_set()
+        return (
+            not self._tasks
+            and not self._chat_tasks
+            and not self._buffer
+            and not self._chat_replies
+            and self._flushed.is_set()
+        )
+
+    def chat_waiting(self) -> None:
+        """A wake-up said chat requests are waiting."""
+        if self.free == 0:
+            self.chat_backlog = True  # the next slot to free takes one
+        self.chat_wanted.set()
 
     # -- claiming -------------------------------------------------------------------
 
@@ -202,19 +238,9 @@ class Dispatcher:
             outcome = await self.fetcher.fetch(endpoint, request.body)
         except Exception as exc:  # a bug, not an upstream answer: still one result
             logger.exception("request %s of %s failed inside promptq", request.custom_id, batch_id)
-            outcome = Outcome(
-                status_code=None,
-                body=None,
-                request_id=None,
-                error=UpstreamError(f"internal error: {type(exc).__name__}", code="internal_error"),
-                attempts=1,
-                latency_ms=0.0,
-            )
+            outcome = _internal_error(exc)
         finally:
-            self.claimed -= 1
-            self._tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
-            if self.on_capacity is not None and self.free == self.low_water:
-                self.on_capacity()
+            self._task_ended(self._tasks)
         self._add_result(batch_id, request.custom_id, outcome)
         error = outcome.error
         if (
@@ -230,6 +256,104 @@ class Dispatcher:
                 "requests",
                 reason=f"stopped: the upstream answered {error.code} ({error.message})",
             )
+
+    def _task_ended(self, tasks: dict[asyncio.Task[None], Any]) -> None:
+        self.claimed -= 1
+        tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        if self.chat_backlog:
+            self.chat_wanted.set()  # chat first: the loop claims before the next poll
+        if self.on_capacity is not None and self.free == self.low_water:
+            self.on_capacity()
+
+    # -- the chat lane --------------------------------------------------------------
+
+    async def claim_chat(self) -> int:
+        """Take up to ``free`` chat requests from the chat queue and start them.
+        Returns how many were taken (expired ones included)."""
+        n = min(self.free, CHAT_CLAIM_MAX)
+        if n <= 0 or self._closing:
+            return 0
+        self.claimed += n  # reserve before awaiting, as claim() does
+        try:
+            entries: list[bytes] = await self.scripts.chat_claim(
+                keys=[keys.CHAT_QUEUE, keys.worker_chat(self.worker_id)], args=[n]
+            )
+        finally:
+            self.claimed -= n
+        self.chat_backlog = len(entries) == n
+        now = time.time()
+        for raw in entries:
+            try:
+                entry = ChatEntry.decode(raw)
+            except BadChatEntry as exc:
+                logger.error("dropped a chat request: %s", exc)
+                self._queue_chat_reply(raw[: keys.CHAT_ID_LEN].decode("ascii", "replace"), "", b"")
+                continue
+            if entry.deadline < now:  # its handler gave up (504): do not send it
+                self._queue_chat_reply(entry.id, "", b"")
+                continue
+            self.claimed += 1
+            task = asyncio.create_task(self._run_chat(entry))
+            self._chat_tasks[task] = entry.id
+        return len(entries)
+
+    async def _run_chat(self, entry: ChatEntry) -> None:
+        try:
+            outcome = await self.fetcher.fetch(CHAT_ENDPOINT, entry.body)
+        except Exception as exc:  # a bug, not an upstream answer: still an answer
+            logger.exception("chat request %s failed inside promptq", entry.id)
+            outcome = _internal_error(exc)
+        finally:
+            self._task_ended(self._chat_tasks)
+        self._count(outcome)
+        line = serialization.dumps(result_line(entry.id, outcome))
+        self._queue_chat_reply(entry.id, entry.replica, line)
+
+    def _queue_chat_reply(self, chat_id: str, replica: str, line: bytes) -> None:
+        """Queue an answer (``replica`` "": none, only forget the request)."""
+        self._chat_replies.append((chat_id, replica, line))
+        self._schedule_flush()
+
+    async def _chat_loop(self) -> None:
+        delay = 0.05
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.chat_poll_s):
+                    await self.chat_wanted.wait()
+            self.chat_wanted.clear()
+            try:
+                while self.free > 0 and not self._closing:
+                    await self.claim_chat()
+                    if not self.chat_backlog:
+                        break
+            except Exception as exc:  # Redis trouble: the next round tries again
+                if is_redis_outage(exc):
+                    redis_health.failed(exc, doing="taking chat requests")
+                else:
+                    logger.warning("could not take chat requests: %s", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+
+    async def _flush_chat(self) -> None:
+        replies, self._chat_replies = self._chat_replies, []
+        replicas: dict[str, int] = {}
+        args: list[Any] = [CHAT_REPLY_TTL_S]
+        for chat_id, replica, line in replies:
+            index = replicas.setdefault(replica, len(replicas) + 2) if replica else 0
+            args += [index, chat_id, line]
+        try:
+            await self.scripts.chat_reply(
+                keys=[
+                    keys.worker_chat(self.worker_id),
+                    *(keys.chat_replies(r) for r in replicas),
+                ],
+                args=args,
+            )
+        except BaseException:
+            self._chat_replies[:0] = replies  # keep them: the loop tries again
+            raise
 
     async def _stop_for_failure_rate(self, batch_id: str) -> None:
         raw = await self.redis.hmget(  # type: ignore[misc]
@@ -264,8 +388,7 @@ class Dispatcher:
         except Exception as exc:
             logger.warning("could not stop batch %s: %s", batch_id, exc)
 
-    def _add_result(self, batch_id: str, custom_id: str, outcome: Outcome) -> None:
-        result = result_line(custom_id, outcome)
+    def _count(self, outcome: Outcome) -> None:
         if outcome.ok:
             self.done += 1
         else:
@@ -273,6 +396,10 @@ class Dispatcher:
         self.retries += outcome.attempts - 1
         self._latency_counts[_bucket(outcome.latency_ms)] += 1
         self._latency_sum_ms += outcome.latency_ms
+
+    def _add_result(self, batch_id: str, custom_id: str, outcome: Outcome) -> None:
+        result = result_line(custom_id, outcome)
+        self._count(outcome)
         pending = self._buffer.setdefault(batch_id, _Pending())
         pending.args += [
             custom_id,
@@ -280,6 +407,9 @@ class Dispatcher:
             1 if outcome.ok else 0,
             outcome.attempts - 1,
         ]
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
         if self._flush_task is None or self._flush_task.done():
             self._flushed.clear()
             self._flush_task = asyncio.create_task(self._flush_loop())
@@ -288,32 +418,35 @@ class Dispatcher:
 
     async def _flush_loop(self) -> None:
         delay = 0.05
-        while self._buffer:
-            batch_id, pending = next(iter(self._buffer.items()))
-            del self._buffer[batch_id]
+        while self._buffer or self._chat_replies:
+            batch_id = ""
             try:
-                _added, final, too_many_failures = await self.scripts.record(
-                    keys=[
-                        keys.batch(batch_id),
-                        keys.results(batch_id),
-                        keys.inflight(batch_id),
-                        keys.events(batch_id),
-                    ],
-                    args=[pending.count, *pending.args],
-                )
-            except Exception as exc:  # Redis down: keep the results, try again
-                if is_redis_outage(exc):  # one line per outage, not per retry
-                    redis_health.failed(exc, doing=f"recording results of {batch_id}")
+                if self._chat_replies:  # someone is waiting for these: first
+                    await self._flush_chat()
+                    final = too_many_failures = 0
                 else:
-                    logger.warning(
-                        "could not record %d result(s) of batch %s (%s); retrying in %.1fs",
-                        pending.count,
-                        batch_id,
-                        exc,
-                        delay,
-                    )
-                merged = self._buffer.setdefault(batch_id, _Pending())
-                merged.args[:0] = pending.args
+                    batch_id, pending = next(iter(self._buffer.items()))
+                    del self._buffer[batch_id]
+                    try:
+                        _added, final, too_many_failures = await self.scripts.record(
+                            keys=[
+                                keys.batch(batch_id),
+                                keys.results(batch_id),
+                                keys.inflight(batch_id),
+                                keys.events(batch_id),
+                            ],
+                            args=[pending.count, *pending.args],
+                        )
+                    except BaseException:  # keep the results, try again
+                        merged = self._buffer.setdefault(batch_id, _Pending())
+                        merged.args[:0] = pending.args
+                        raise
+            except Exception as exc:  # Redis down: the results are kept, try again
+                what = f"results of {batch_id}" if batch_id else "chat answers"
+                if is_redis_outage(exc):  # one line per outage, not per retry
+                    redis_health.failed(exc, doing=f"recording {what}")
+                else:
+                    logger.warning("could not record %s (%s); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
@@ -352,16 +485,20 @@ class Dispatcher:
     async def start(self) -> None:
         await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
+        self._chat_loop_task = asyncio.create_task(self._chat_loop(), name="chat lane")
 
     async def close(self, *, grace_s: float = 10.0) -> None:
         """Stop claiming; let in-flight requests finish for up to ``grace_s``; hand the
-        rest back to their batches; flush every result; remove the heartbeat."""
+        rest back to their batches (or the chat queue); flush every result; remove the
+        heartbeat."""
         self._closing = True
-        if self._tasks:
-            logger.info(
-                "waiting up to %.0fs for %d in-flight request(s)", grace_s, len(self._tasks)
-            )
-            _, unfinished = await asyncio.wait(list(self._tasks), timeout=grace_s)
+        if self._chat_loop_task is not None:
+            self._chat_loop_task.cancel()
+            await asyncio.gather(self._chat_loop_task, return_exceptions=True)
+        running = [*self._tasks, *self._chat_tasks]
+        if running:
+            logger.info("waiting up to %.0fs for %d in-flight request(s)", grace_s, len(running))
+            _, unfinished = await asyncio.wait(running, timeout=grace_s)
             if unfinished:
                 await self._hand_back(unfinished)
         await self._flushed.wait()
@@ -369,6 +506,9 @@ class Dispatcher:
             self._heartbeat_task.cancel()
             await asyncio.gather(self._heartbeat_task, return_exceptions=True)
         try:
+            # nothing of ours runs now: a chat request still marked ours (a claim whose
+            # reply was lost) goes back to the queue
+            await self._requeue_chat([])
             await self.redis.delete(
                 keys.worker(self.worker_id), keys.worker_batches(self.worker_id)
             )
@@ -378,12 +518,19 @@ class Dispatcher:
 
     async def _hand_back(self, unfinished: set[asyncio.Task[None]]) -> None:
         by_batch: dict[str, list[str]] = {}
+        chat_ids: list[str] = []
         for task in unfinished:
-            batch_id, custom_id = self._tasks.get(task, ("", ""))
             task.cancel()
+            if task in self._chat_tasks:
+                chat_ids.append(self._chat_tasks[task])
+                continue
+            batch_id, custom_id = self._tasks.get(task, ("", ""))
             if batch_id:
                 by_batch.setdefault(batch_id, []).append(custom_id)
         await asyncio.gather(*unfinished, return_exceptions=True)
+        if chat_ids:
+            released = await self._requeue_chat(chat_ids)
+            logger.info("handed %s unfinished chat request(s) back", released)
         for batch_id, ids in by_batch.items():
             released = await self.scripts.release(
                 keys=[keys.pending(batch_id), keys.inflight(batch_id), keys.results(batch_id)],
@@ -391,6 +538,19 @@ class Dispatcher:
             )
             logger.info("handed %s unfinished request(s) of %s back", released, batch_id)
             await self._resume(batch_id)
+
+    async def _requeue_chat(self, chat_ids: list[str], *, worker_id: str | None = None) -> int:
+        """Put chat requests of this (or a dead) worker back at the front of the chat
+        queue (no ids: all of them) and wake the workers. Returns how many."""
+        n = int(
+            await self.scripts.chat_requeue(
+                keys=[keys.CHAT_QUEUE, keys.worker_chat(worker_id or self.worker_id)],
+                args=chat_ids,
+            )
+        )
+        if n:
+            await self.redis.publish(keys.WAKEUP_CHANNEL, keys.CHAT_WAKEUP)
+        return n
 
     async def _heartbeat_loop(self) -> None:
         checked = redis_health.disruptions  # Redis trouble up to here is none of ours
@@ -414,14 +574,36 @@ class Dispatcher:
     def _quiet(self) -> bool:
         """No claim and no result write on the wire: every request this worker holds
         in a batch's ``:inflight`` hash is then in ``_tasks`` (or already recorded)."""
-        return self.claimed == len(self._tasks) and self._flushed.is_set()
+        return (
+            self.claimed == len(self._tasks) + len(self._chat_tasks)
+            and self._flushed.is_set()
+            and not self._chat_replies
+        )
+
+    async def _recheck_chat(self) -> bool:
+        """The chat part of ``_recheck_batches``: chat requests marked as this worker's
+        that it is not running (a claim whose reply was lost) go back to the queue."""
+        if not self._quiet():
+            return False
+        held: list[bytes] = await self.redis.hkeys(keys.worker_chat(self.worker_id))  # type: ignore[misc]
+        if not self._quiet():  # a claim started meanwhile: look again next beat
+            return False
+        running = set(self._chat_tasks.values())
+        stranded = [decode(i) for i in held if decode(i) not in running]
+        if stranded:
+            released = await self._requeue_chat(stranded)
+            logger.warning(
+                "handed back %s chat request(s) claimed while Redis was unreachable", released
+            )
+        return True
 
     async def _recheck_batches(self) -> bool:
         """After Redis trouble (an outage, or a command redis-py retried): make sure no
         request of a batch this worker took from is stranded.
 
         * A claim whose reply was lost (then retried, or failed) marked requests as this
-          worker's that it never started: they go back to the batch's queue.
+          worker's that it never started: they go back to the batch's queue (chat
+          requests: to the chat queue).
         * A claim ticket that failed with Redis is gone: the batch gets a new one (an
           extra ticket is harmless). A batch left ``finalizing`` gets its aggregator
           job again (fixed id; the job does nothing twice).
@@ -430,7 +612,7 @@ class Dispatcher:
         Returns False when a claim or a result write was on the wire (then the check
         of stranded requests cannot tell them apart): the next heartbeat tries again.
         """
-        complete = True
+        complete = await self._recheck_chat()
         for batch_id in list(self._batches_seen):
             raw: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
                 keys.batch(batch_id), ["status"]
@@ -501,6 +683,10 @@ class Dispatcher:
                         batch_id,
                     )
                     await self._resume(batch_id)
+            n = await self._requeue_chat([], worker_id=dead)
+            if n:
+                total += n
+                logger.warning("worker %s died: handed %s chat request(s) back", dead, n)
             await self.redis.delete(keys.worker_batches(dead))
             await self.redis.zrem(keys.WORKERS, dead)
         return total
@@ -582,6 +768,17 @@ def result_line(custom_id: str, outcome: Outcome) -> dict[str, Any]:
         "latency_ms": outcome.latency_ms,
         "attempts": outcome.attempts,
     }
+
+
+def _internal_error(exc: Exception) -> Outcome:
+    return Outcome(
+        status_code=None,
+        body=None,
+        request_id=None,
+        error=UpstreamError(f"internal error: {type(exc).__name__}", code="internal_error"),
+        attempts=1,
+        latency_ms=0.0,
+    )
 
 
 def _bucket(latency_ms: float) -> str:

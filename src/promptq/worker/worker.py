@@ -5,7 +5,8 @@ Two changes to arq's loop, both to serve requests sooner with less overhead:
 * **Wake-ups instead of waiting for the next poll.** Producers publish on
   ``promptq:wakeup`` when they enqueue; the worker subscribes and polls immediately, so a
   batch starts within milliseconds, not arq's 0.5 s poll delay. The poll delay remains
-  as a fallback if a message is lost.
+  as a fallback if a message is lost. A ``chat`` message goes to the dispatcher's chat
+  loop instead: chat requests wait in their own list, not in arq's queue.
 * **Capacity gating.** A worker with fewer free slots than its low-water mark does not
   take jobs, so tickets go to workers that can use them.
 
@@ -81,6 +82,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         heartbeat_s=settings.heartbeat_s,
         upstream_label=settings.upstream_url,
         adaptive=settings.adaptive_concurrency,
+        chat_poll_s=settings.poll_delay_s,
     )
     await dispatcher.start()
     ctx.update(
@@ -255,7 +257,12 @@ class PromptqWorker(Worker):
                 delay = 0.1
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    dispatcher = self.dispatcher
+                    if message.get("data") == keys.CHAT_WAKEUP and dispatcher is not None:
+                        dispatcher.chat_waiting()  # chat requests skip the arq queue
+                    else:
                         self._wakeup.set()
             except asyncio.CancelledError:
                 raise
