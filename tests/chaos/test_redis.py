@@ -126,6 +126,23 @@ async def slow_mock() -> AsyncIterator[MockServer]:
         yield server
 
 
+async def two_workers_on(
+    server: PrivateRedis, settings: Settings, mock: MockServer, procs: WorkerProcs
+) -> Settings:
+    """Start two worker processes on ``server`` and ``mock``; returns their settings."""
+    settings = settings.model_copy(
+        update={"redis_url": server.url, "upstream_url": mock.url, "concurrency": 10}
+    )
+    procs.settings = settings
+    procs.start(2)
+    client = await connect(server.url)
+    try:
+        await procs.wait_ready(client, 2)
+    finally:
+        await client.aclose()
+    return settings
+
+
 # An immediate restart (redis-py's own retries ride it out) and an outage longer than
 # those retries (about 3 s), which promptq's loops must ride out themselves.
 @pytest.mark.parametrize("outage_s", [0.0, 4.0], ids=["restart", "down-4s"])
@@ -136,16 +153,7 @@ async def test_redis_killed_and_restarted_mid_batch_loses_nothing(
     private_redis: PrivateRedis,
     worker_procs: WorkerProcs,
 ) -> None:
-    settings = settings.model_copy(
-        update={"redis_url": private_redis.url, "upstream_url": slow_mock.url, "concurrency": 10}
-    )
-    worker_procs.settings = settings
-    worker_procs.start(2)
-    client = await connect(private_redis.url)
-    try:
-        await worker_procs.wait_ready(client, 2)
-    finally:
-        await client.aclose()
+    settings = await two_workers_on(private_redis, settings, slow_mock, worker_procs)
     arrivals: list[tuple[float, str]] = []  # (monotonic time, custom_id) as followed
 
     async with Producer.from_url(private_redis.url, settings=settings) as producer:
@@ -204,16 +212,7 @@ async def test_redis_killed_and_restarted_with_chat_requests_in_flight(
 ) -> None:
     """Queued, claimed and answered-but-unread chat requests all live in Redis (AOF):
     every waiting handler gets its answer once Redis is back."""
-    settings = settings.model_copy(
-        update={"redis_url": private_redis.url, "upstream_url": slow_mock.url, "concurrency": 10}
-    )
-    worker_procs.settings = settings
-    worker_procs.start(2)
-    client = await connect(private_redis.url)
-    try:
-        await worker_procs.wait_ready(client, 2)
-    finally:
-        await client.aclose()
+    settings = await two_workers_on(private_redis, settings, slow_mock, worker_procs)
     bodies = [
         {"model": "mock-gpt", "messages": [{"role": "user", "content": f"r{i}"}]} for i in range(60)
     ]
