@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+import promptq.api.batches
 import promptq.api.intake
 from promptq import Producer, Status
 from promptq.api import create_app
@@ -245,6 +246,37 @@ async def test_list_validates_limit_and_after(api: Client) -> None:
 
 
 # -- auth --------------------------------------------------------------------------------
+
+
+async def test_file_listing_and_deletion_name_what_is_wrong(api: Client) -> None:
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=file-x", "after")):
+        error = await error_of(await api.get(f"/v1/files?{query}"), 400)
+        assert error["param"] == param
+    error = await error_of(await api.delete("/v1/files/file-out-batch_x"), 400)
+    assert "expires with them" in error["message"]
+    error = await error_of(await api.delete(f"/v1/files/file-{'0' * 32}"), 404)
+    assert error["code"] == "file_not_found"
+
+
+async def test_deleting_the_input_file_of_a_validating_batch_fails_it_by_name(
+    api: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    resp = await api.post("/v1/files", data=form(line("q1").encode()))
+    file_id = (await resp.json())["id"]
+    real = promptq.api.intake.validate_and_enqueue
+    deleted = asyncio.Event()
+
+    async def after_the_delete(*args: Any, **kwargs: Any) -> None:
+        await deleted.wait()
+        await real(*args, **kwargs)
+
+    monkeypatch.setattr(promptq.api.batches, "validate_and_enqueue", after_the_delete)
+    batch_id = (await create(api, file_id))["id"]
+    assert (await api.delete(f"/v1/files/{file_id}")).status == 200
+    deleted.set()
+    batch = await settled(api, batch_id)
+    assert batch["status"] == "failed"
+    assert "was deleted or expired" in batch["errors"]["data"][0]["message"]
 
 
 async def test_a_missing_or_wrong_token_is_401_but_healthz_is_open(api: Client) -> None:

@@ -171,6 +171,31 @@ async def test_sdk_lists_batches_newest_first_page_by_page(client: AsyncOpenAI) 
     assert [b.id async for b in client.batches.list(limit=2)] == newest_first  # auto-paging
 
 
+async def test_sdk_lists_and_deletes_files(redis: ArqRedis, client: AsyncOpenAI) -> None:
+    ids = []
+    for name in ("a", "b", "c"):
+        data = jsonl([request_line(name, "hi")])
+        ids.append((await client.files.create(file=(f"{name}.jsonl", data), purpose="batch")).id)
+    newest_first = ids[::-1]
+
+    first = await client.files.list(limit=2)
+    assert [f.id for f in first.data] == newest_first[:2]
+    assert first.has_more is True
+    assert [f.filename for f in first.data] == ["c.jsonl", "b.jsonl"]
+    assert [f.id async for f in client.files.list(limit=2)] == newest_first  # auto-paging
+    assert [f.id async for f in client.files.list(order="asc")] == ids
+    assert [f.id async for f in client.files.list(purpose="fine-tune")] == []
+
+    deleted = await client.files.delete(ids[1])
+    assert (deleted.id, deleted.deleted) == (ids[1], True)
+    assert await redis.exists(keys.file(ids[1]), keys.file_content(ids[1])) == 0
+    with pytest.raises(openai.NotFoundError):
+        await client.files.retrieve(ids[1])
+    with pytest.raises(openai.NotFoundError):
+        await client.files.delete(ids[1])
+    assert [f.id async for f in client.files.list()] == [ids[2], ids[0]]
+
+
 async def test_sdk_cancel_keeps_finished_results_and_reports_the_rest(
     redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs
 ) -> None:

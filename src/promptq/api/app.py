@@ -3,7 +3,8 @@
 Stateless: everything lives in Redis (uploaded files included), so any number of
 replicas can run behind a load balancer. Routes:
 
-    POST /v1/files                    GET /v1/files/{id}     GET /v1/files/{id}/content
+    POST /v1/files     GET /v1/files      GET /v1/files/{id}     DELETE /v1/files/{id}
+    GET /v1/files/{id}/content
     POST /v1/batches                  GET /v1/batches        GET /v1/batches/{id}
     POST /v1/batches/{id}/cancel      GET /v1/batches/{id}/results[?follow=true]
     POST /v1/chat/completions         GET /healthz (no token)  GET /metrics
@@ -49,7 +50,9 @@ def create_app(settings: Settings) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_redis)
     app.router.add_post("/v1/files", files.upload_file)
+    app.router.add_get("/v1/files", files.list_files)
     app.router.add_get("/v1/files/{file_id}", files.retrieve_file)
+    app.router.add_delete("/v1/files/{file_id}", files.delete_file)
     app.router.add_get("/v1/files/{file_id}/content", files.file_content)
     app.router.add_post("/v1/batches", batches.create_batch)
     app.router.add_get("/v1/batches", batches.list_batches)

@@ -12,14 +12,16 @@ from promptq.api.errors import (
     ApiError,
     bad_request,
     json_response,
+    list_limit,
     not_found,
     queue_full,
     read_json_object,
+    unknown_cursor,
 )
 from promptq.api.intake import expire_stale_validation, validate_and_enqueue
 from promptq.api.objects import COMPLETION_WINDOW, batch_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
-from promptq.api.store import StoredBatch
+from promptq.api.store import StoredBatch, UnknownCursor
 from promptq.api.streaming import stream_lines
 from promptq.producer.producer import new_batch_id
 from promptq.shared import keys
@@ -182,57 +184,22 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return json_response(batch_object(stored.id, stored.raw, stored.stats, stored.api))
 
 
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return DEFAULT_LIST_LIMIT
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        raise bad_request(
-            f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}, got '{raw}'.",
-            param="limit",
-            code="invalid_limit",
-        )
-    return limit
-
-
 async def list_batches(request: web.Request) -> web.Response:
     """GET /v1/batches?after=&limit=: newest first, cursor pagination as OpenAI's."""
-    limit = _limit(request)
+    limit = list_limit(request, default=DEFAULT_LIST_LIMIT, maximum=MAX_LIST_LIMIT)
     after = request.query.get("after") or None
     store = request.app[STORE]
-    found: list[StoredBatch] = []
-    cursor = after
-    while len(found) <= limit:  # one extra tells whether there is more
-        ids = await store.batch_ids_after(cursor, limit + 1)
-        if ids is None:
-            if cursor == after:
-                raise bad_request(
-                    f"Unknown 'after' cursor '{after}': pass the id of a batch from the "
-                    "previous page (it may have expired; list again from the start).",
-                    param="after",
-                    code="invalid_cursor",
-                )
-            break  # the page's last batch expired meanwhile
-        if not ids:
-            break
-        batches = await store.batches(ids)
-        gone = [i for i, b in zip(ids, batches, strict=True) if b is None]
-        if gone:
-            await store.redis.zrem(keys.BATCHES, *gone)  # expired
-        found += [b for b in batches if b is not None]
-        cursor = ids[-1]
-    page = found[:limit]
+    try:
+        page, has_more = await store.page(keys.BATCHES, store.batches, after=after, limit=limit)
+    except UnknownCursor:
+        raise unknown_cursor(str(after), "batch") from None
     return json_response(
         {
             "object": "list",
             "data": [batch_object(b.id, b.raw, b.stats, b.api) for b in page],
             "first_id": page[0].id if page else None,
             "last_id": page[-1].id if page else None,
-            "has_more": len(found) > limit,
+            "has_more": has_more,
         }
     )
 

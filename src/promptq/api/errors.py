@@ -171,6 +171,33 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 QUEUE_FULL_RETRY_AFTER_S = 30
 
 
+def list_limit(request: web.Request, *, default: int, maximum: int) -> int:
+    """The ``limit`` query parameter of a listing, checked."""
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= maximum:
+        raise bad_request(
+            f"'limit' must be an integer from 1 to {maximum}, got '{raw}'.",
+            param="limit",
+            code="invalid_limit",
+        )
+    return limit
+
+
+def unknown_cursor(after: str, what: str) -> ApiError:
+    return bad_request(
+        f"Unknown 'after' cursor '{after}': pass the id of a {what} from the previous page "
+        "(it may have expired; list again from the start).",
+        param="after",
+        code="invalid_cursor",
+    )
+
+
 def queue_full(exc_message: str) -> ApiError:
     """Backpressure (PROMPTQ_MAX_QUEUED): 429 with a retry-after, as rate limits are."""
     return ApiError(

@@ -1,4 +1,4 @@
-"""``/v1/files``: upload (multipart, ``purpose=batch``), metadata and content.
+"""``/v1/files``: upload (multipart, ``purpose=batch``), list, metadata, content, delete.
 
 Uploads live in Redis (see ``api.store``). A batch's output and error files are
 virtual (``file-out-<batch id>``, ``file-err-<batch id>``): generated from its results
@@ -13,17 +13,28 @@ import orjson
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from promptq.api.errors import ApiError, bad_request, json_response, not_found
+from promptq.api.errors import (
+    ApiError,
+    bad_request,
+    json_response,
+    list_limit,
+    not_found,
+    unknown_cursor,
+)
 from promptq.api.objects import ERROR_PREFIX, OUTPUT_PREFIX, file_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE
+from promptq.api.store import StoredFile, UnknownCursor
 from promptq.api.streaming import stream_lines
 from promptq.producer import Batch
+from promptq.shared import keys
 
 #: small form fields (purpose, expires_after[...]) are capped at this many bytes
 _FIELD_LIMIT = 4096
 #: multipart framing and the small fields on top of the file itself
 _FORM_OVERHEAD = 64 * 1024
 _CHUNK = 256 * 1024
+#: GET /v1/files: OpenAI's default and largest page
+MAX_FILES_PAGE = 10_000
 
 _HOW = (
     "send multipart/form-data with the fields 'file' (the JSONL file) and 'purpose' "
@@ -133,16 +144,66 @@ async def upload_file(request: web.Request) -> web.Response:
         lines=lines,
         ttl_s=settings.api_file_ttl_s,
     )
-    return json_response(
-        file_object(
-            stored.id,
-            size=stored.size,
-            created_at=stored.created_at,
-            filename=stored.filename,
-            purpose=stored.purpose,
-            expires_at=stored.expires_at,
-        )
+    return json_response(_uploaded(stored))
+
+
+def _uploaded(stored: StoredFile) -> dict[str, object]:
+    return file_object(
+        stored.id,
+        size=stored.size,
+        created_at=stored.created_at,
+        filename=stored.filename,
+        purpose=stored.purpose,
+        expires_at=stored.expires_at,
     )
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """GET /v1/files?purpose=&limit=&order=&after=: uploaded files (not the virtual
+    output and error files), newest first unless ``order=asc``."""
+    limit = list_limit(request, default=MAX_FILES_PAGE, maximum=MAX_FILES_PAGE)
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request(
+            f"'order' must be 'asc' or 'desc', got '{order}'.", param="order", code="invalid_order"
+        )
+    purpose = request.query.get("purpose")
+    after = request.query.get("after") or None
+    store = request.app[STORE]
+    if purpose not in (None, "", "batch"):
+        page: list[StoredFile] = []  # promptq stores files for batches only
+        has_more = False
+    else:
+        try:
+            page, has_more = await store.page(
+                keys.FILES, store.files, after=after, limit=limit, newest_first=order == "desc"
+            )
+        except UnknownCursor:
+            raise unknown_cursor(str(after), "file") from None
+    return json_response(
+        {
+            "object": "list",
+            "data": [_uploaded(f) for f in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": has_more,
+        }
+    )
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    """DELETE /v1/files/{file_id}: remove an upload (a batch created from it keeps its
+    requests; one still validating fails, naming the missing file)."""
+    file_id = request.match_info["file_id"]
+    if _virtual(file_id) is not None:
+        raise bad_request(
+            f"'{file_id}' is generated from its batch's results and expires with them "
+            "(PROMPTQ_RESULT_TTL_S); there is nothing to delete on its own.",
+            code="invalid_file_id",
+        )
+    if not await request.app[STORE].delete_file(file_id):
+        raise _no_file(file_id)
+    return json_response({"id": file_id, "object": "file", "deleted": True})
 
 
 def _virtual(file_id: str) -> tuple[str, bool] | None:
@@ -156,7 +217,7 @@ def _virtual(file_id: str) -> tuple[str, bool] | None:
 
 def _no_file(file_id: str) -> ApiError:
     return not_found(
-        f"No file '{file_id}': wrong id, or it expired (uploads are kept "
+        f"No file '{file_id}': wrong id, deleted, or expired (uploads are kept "
         "PROMPTQ_API_FILE_TTL_S seconds, results PROMPTQ_RESULT_TTL_S after their batch ends).",
         code="file_not_found",
     )
@@ -199,16 +260,7 @@ async def retrieve_file(request: web.Request) -> web.Response:
     found = await request.app[STORE].file(file_id)
     if found is None:
         raise _no_file(file_id)
-    return json_response(
-        file_object(
-            found.id,
-            size=found.size,
-            created_at=found.created_at,
-            filename=found.filename,
-            purpose=found.purpose,
-            expires_at=found.expires_at,
-        )
-    )
+    return json_response(_uploaded(found))
 
 
 async def file_content(request: web.Request) -> web.StreamResponse:

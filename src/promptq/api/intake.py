@@ -102,7 +102,9 @@ async def _validate_and_enqueue(
     ttl_s = settings.result_ttl_s
     data = await store.file_content(file_id)
     if data is None:
-        problem = LineError(0, None, f"input file {file_id} expired before it was validated")
+        problem = LineError(
+            0, None, f"input file {file_id} was deleted or expired before it was validated"
+        )
         await store.fail_validating(
             batch_id, reason=str(problem), errors=batch_errors([problem], 1), ttl_s=ttl_s
         )

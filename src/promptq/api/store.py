@@ -2,6 +2,7 @@
 
 * uploaded files: ``promptq:file:{ID}`` (hash of metadata) and ``promptq:file:{ID}:content``
   (the bytes), both with a TTL: any replica serves any file, no local disk involved;
+  ``promptq:files`` lists them for ``GET /v1/files``;
 * batches created over HTTP: ``promptq:batch:{ID}:api`` (input file, completion window,
   metadata, creation time, validation deadline), next to the batch's own keys.
 """
@@ -9,8 +10,9 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from arq.connections import ArqRedis
@@ -35,6 +37,13 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'created_at') or now, ARGV[1])
 return 'failed'
 """
+
+
+T = TypeVar("T")
+
+
+class UnknownCursor(Exception):
+    """A list's ``after`` cursor names nothing in the list (a wrong id, or it expired)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +94,8 @@ class ApiStore:
     async def save_file(
         self, data: bytes | memoryview, *, filename: str, purpose: str, lines: int, ttl_s: int
     ) -> StoredFile:
-        now = int(await self.now())
+        exact = await self.now()
+        now = int(exact)
         stored = StoredFile(
             id=new_file_id(),
             filename=filename,
@@ -109,25 +119,48 @@ class ApiStore:
                 },
             )
             pipe.expire(keys.file(stored.id), ttl_s)
+            pipe.zadd(keys.FILES, {stored.id: exact})  # ms apart: uploads stay in order
             await pipe.execute()
         return stored
+
+    async def files(self, file_ids: list[str]) -> list[StoredFile | None]:
+        """Metadata of each file, in one round trip (None: no such file, or expired)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for file_id in file_ids:
+                pipe.hgetall(keys.file(file_id))
+            replies = await pipe.execute()
+        found: list[StoredFile | None] = []
+        for file_id, reply in zip(file_ids, replies, strict=True):
+            raw = _decoded(reply)
+            found.append(
+                StoredFile(
+                    id=file_id,
+                    filename=raw.get("filename", ""),
+                    size=int(raw.get("bytes", 0)),
+                    lines=int(raw.get("lines", 0)),
+                    purpose=raw.get("purpose", "batch"),
+                    created_at=int(raw.get("created_at", 0)),
+                    expires_at=int(raw.get("expires_at", 0)),
+                )
+                if raw
+                else None
+            )
+        return found
 
     async def file(self, file_id: str) -> StoredFile | None:
         if not keys.FILE_ID_RE.match(file_id):
             return None
-        reply: dict[bytes, bytes] = await self.redis.hgetall(keys.file(file_id))  # type: ignore[misc]
-        raw = _decoded(reply)
-        if not raw:
-            return None
-        return StoredFile(
-            id=file_id,
-            filename=raw.get("filename", ""),
-            size=int(raw.get("bytes", 0)),
-            lines=int(raw.get("lines", 0)),
-            purpose=raw.get("purpose", "batch"),
-            created_at=int(raw.get("created_at", 0)),
-            expires_at=int(raw.get("expires_at", 0)),
-        )
+        return (await self.files([file_id]))[0]
+
+    async def delete_file(self, file_id: str) -> bool:
+        """Remove an upload and its bytes; False if there was no such file."""
+        if not keys.FILE_ID_RE.match(file_id):
+            return False
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(keys.file(file_id), keys.file_content(file_id))
+            pipe.zrem(keys.FILES, file_id)
+            deleted, _ = await pipe.execute()
+        return int(deleted) > 0
 
     async def file_content(self, file_id: str) -> bytes | None:
         if not keys.FILE_ID_RE.match(file_id):
@@ -224,13 +257,47 @@ class ApiStore:
             return None
         return (await self.batches([batch_id]))[0]
 
-    async def batch_ids_after(self, after: str | None, count: int) -> list[str] | None:
-        """Up to ``count`` batch ids, newest first, after ``after`` (None: unknown cursor)."""
-        start = 0
-        if after is not None:
-            rank = await self.redis.zrevrank(keys.BATCHES, after)
-            if rank is None:
-                return None
-            start = int(rank) + 1
-        ids = await self.redis.zrevrange(keys.BATCHES, start, start + count - 1)
-        return [decode(i) for i in ids]
+    async def page(
+        self,
+        index: str,
+        load: Callable[[list[str]], Awaitable[list[T | None]]],
+        *,
+        after: str | None,
+        limit: int,
+        newest_first: bool = True,
+    ) -> tuple[list[T], bool]:
+        """One page of a listing (``GET /v1/batches``, ``GET /v1/files``): up to ``limit``
+        objects from the sorted set ``index`` after the id ``after``, loaded with
+        ``load``, and whether there are more. Ids whose object expired are dropped from
+        the index on the way. Raises ``UnknownCursor``."""
+        found: list[T] = []
+        cursor = after
+        while len(found) <= limit:  # one extra tells whether there is more
+            start = 0
+            if cursor is not None:
+                rank = await (
+                    self.redis.zrevrank(index, cursor)
+                    if newest_first
+                    else self.redis.zrank(index, cursor)
+                )
+                if rank is None:
+                    if cursor == after:
+                        raise UnknownCursor(after)
+                    break  # the page's last object expired meanwhile
+                start = int(rank) + 1
+            end = start + limit  # limit + 1 ids
+            raw = await (
+                self.redis.zrevrange(index, start, end)
+                if newest_first
+                else self.redis.zrange(index, start, end)
+            )
+            ids = [decode(i) for i in raw]
+            if not ids:
+                break
+            objects = await load(ids)
+            gone = [i for i, o in zip(ids, objects, strict=True) if o is None]
+            if gone:
+                await self.redis.zrem(index, *gone)  # expired
+            found += [o for o in objects if o is not None]
+            cursor = ids[-1]
+        return found[:limit], len(found) > limit

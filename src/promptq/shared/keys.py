@@ -137,6 +137,11 @@ def aggregate_job_id(batch_id: str) -> str:
 FILE_ID_RE = re.compile(r"^file-[0-9a-f]{32}$")
 
 
+#: Sorted set: uploaded file ids scored by upload time (GET /v1/files); ids whose file
+#: expired are dropped when a listing meets them.
+FILES = f"{PREFIX}:files"
+
+
 def file(file_id: str) -> str:
     """Hash with a TTL: an uploaded file's metadata (filename, bytes, lines, purpose,
     created_at, expires_at)."""
