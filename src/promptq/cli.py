@@ -438,7 +438,7 @@ def workers(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def serve(ctx: click.Context, host: str | None, port: int | None, insecure_no_auth: bool) -> None:
     """HTTP API for web apps: the OpenAI Files + Batches API, chat completions through
-    the queue (urgent lane), /healthz and /metrics.
+    the queue (ahead of batch work), /healthz and /metrics.
 
     Point the official openai SDK at http://HOST:PORT/v1 with api_key=$PROMPTQ_API_TOKEN.
     Without PROMPTQ_API_TOKEN it serves loopback addresses only, unless

@@ -1,4 +1,4 @@
-"""``POST /v1/chat/completions``: one request through the queue on the urgent lane.
+"""``POST /v1/chat/completions``: one request through the queue, ahead of batch work.
 
 The request goes into the chat queue, which workers serve before any batch work (see
 ``api.lane``); the handler answers with the upstream's final status and body once a worker is
