@@ -258,6 +258,33 @@ async def test_file_listing_and_deletion_name_what_is_wrong(api: Client) -> None
     assert error["code"] == "file_not_found"
 
 
+async def test_file_listing_skips_expired_files_without_ending_early(
+    api: Client, redis: ArqRedis
+) -> None:
+    ids = []
+    for i in range(6):
+        resp = await api.post("/v1/files", data=form(line(f"q{i}").encode()))
+        ids.append((await resp.json())["id"])
+    for gone in ids[:3]:  # the three oldest expire (their keys go, the index entry stays)
+        await redis.delete(keys.file(gone), keys.file_content(gone))
+
+    async def listed(**params: str) -> list[str]:
+        found: list[str] = []
+        after = None
+        while True:
+            query = {**params, **({"after": after} if after else {})}
+            page = await (await api.get("/v1/files", params=query)).json()
+            found += [f["id"] for f in page["data"]]
+            if not page["has_more"]:
+                return found
+            after = page["last_id"]
+
+    # the first chunk read (limit + 1 ids) is all expired, its last id included
+    assert await listed(order="asc", limit="2") == ids[3:]
+    assert await listed(limit="1") == ids[3:][::-1]
+    assert await redis.zcard(keys.FILES) == 3  # the expired ones left the index
+
+
 async def test_deleting_the_input_file_of_a_validating_batch_fails_it_by_name(
     api: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -88,7 +88,11 @@ async def test_expired_and_unreadable_entries_are_dropped_unsent(
     fresh = ChatEntry(
         id=new_chat_id(), body=body("on time"), replica=replica, deadline=time.time() + 60
     )
-    planted = [b"x" * 40, new_chat_id().encode() + b'{"body": "not an object"}']
+    planted = [
+        b"x" * 40,
+        b"\xff" * 40,  # not even text
+        new_chat_id().encode() + b'{"body": "not an object"}',
+    ]
     await redis.rpush(keys.CHAT_QUEUE, expired.encode(), *planted, fresh.encode())
     async with local_cluster(settings, workers=1):
 
@@ -99,7 +103,7 @@ async def test_expired_and_unreadable_entries_are_dropped_unsent(
         await wait_until(lambda: _chat_keys_gone(redis), what="the worker to forget them all")
     assert line["custom_id"] == fresh.id
     assert mock.stats.requests == 1  # the expired one was never sent
-    assert caplog.text.count("dropped a chat request") == 2
+    assert caplog.text.count("dropped a chat request") == 3
 
 
 async def _chat_keys_gone(redis: ArqRedis) -> bool:
@@ -184,3 +188,52 @@ async def test_a_timed_out_request_is_not_sent_later(
         async with local_cluster(settings, workers=1):
             await wait_until(lambda: _chat_keys_gone(redis), what="the entry to be dropped")
     assert mock.stats.requests == 0
+
+
+async def test_an_answer_redis_refuses_is_dropped_without_holding_up_batches(
+    redis: ArqRedis, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    replica = new_chat_id()
+    await redis.set(keys.chat_replies(replica), "not a list")  # a wrong-type key in the way
+    entry = ChatEntry(
+        id=new_chat_id(), body=body("lost"), replica=replica, deadline=time.time() + 60
+    )
+    await redis.rpush(keys.CHAT_QUEUE, entry.encode())
+    async with local_cluster(settings, workers=1) as producer:
+        batch = await producer.submit(["a", "b", "c"])
+        stats = await batch.wait(timeout_s=20)
+        await wait_until(
+            lambda: _only_the_planted_key_left(redis, replica), what="the answer dropped"
+        )
+    assert stats.succeeded == 3
+    assert "dropped 1 chat answer(s)" in caplog.text
+
+
+async def _only_the_planted_key_left(redis: ArqRedis, replica: str) -> bool:
+    return await chat_keys(redis) == [keys.chat_replies(replica).encode()]
+
+
+async def test_a_dead_worker_with_an_empty_id_does_not_take_our_requests(
+    redis: ArqRedis, settings: Settings, mock: MockServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        open_lane(Producer(redis, settings=settings)) as lane,
+        in_process_worker(settings) as worker,
+    ):
+        dispatcher = worker.dispatcher
+        assert dispatcher is not None
+        slow = asyncio.create_task(
+            lane.send(lane.validate(body("slow [[mock latency_ms=800]]")), timeout_s=20)
+        )
+        held = keys.worker_chat(dispatcher.worker_id)
+
+        async def taken() -> bool:
+            return int(await redis.hlen(held)) == 1
+
+        await wait_until(taken, what="the worker to take the request")
+        await redis.zadd(keys.WORKERS, {"": 1.0})  # a stale entry with an empty id
+        assert await dispatcher.reap_dead_workers() == 0
+        line, _chat_id = await slow
+    assert line["error"] is None
+    assert mock.stats.requests == 1  # not handed back and sent a second time
+    assert "chat request(s) back" not in caplog.text

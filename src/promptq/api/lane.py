@@ -31,7 +31,7 @@ from promptq.producer import Producer
 from promptq.producer.parsing import parse_items
 from promptq.shared import keys
 from promptq.shared.chatqueue import ChatEntry, new_chat_id
-from promptq.shared.connection import is_redis_outage, redis_health
+from promptq.shared.connection import is_redis_outage, redis_clock_offset, redis_health
 from promptq.shared.models import CHAT_ENDPOINT, QueuedRequest
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class ChatLane:
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        #: Redis' clock minus this machine's: deadlines are on Redis' clock, which
+        #: workers on other machines share (measured on the first request)
+        self._clock_offset_s: float | None = None
 
     @property
     def queued(self) -> int:
@@ -85,6 +88,8 @@ class ChatLane:
         """
         if self._closed:
             raise LaneClosed("the server is shutting down")
+        if self._clock_offset_s is None:
+            self._clock_offset_s = await redis_clock_offset(self._producer.redis)
         if not self._tasks:
             self._tasks = [
                 asyncio.create_task(self._submit_loop(), name="chat lane submitter"),
@@ -94,7 +99,7 @@ class ChatLane:
             id=new_chat_id(),
             body=request.body,
             replica=self.replica_id,
-            deadline=round(time.time() + timeout_s, 3),
+            deadline=round(time.time() + self._clock_offset_s + timeout_s, 3),
         )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[entry.id] = future

@@ -120,6 +120,7 @@ class ApiStore:
             )
             pipe.expire(keys.file(stored.id), ttl_s)
             pipe.zadd(keys.FILES, {stored.id: exact})  # ms apart: uploads stay in order
+            pipe.zremrangebyscore(keys.FILES, "-inf", exact - ttl_s)  # expired by now
             await pipe.execute()
         return stored
 
@@ -271,20 +272,14 @@ class ApiStore:
         ``load``, and whether there are more. Ids whose object expired are dropped from
         the index on the way. Raises ``UnknownCursor``."""
         found: list[T] = []
-        cursor = after
+        start = 0
+        if after is not None:
+            rank_of = self.redis.zrevrank if newest_first else self.redis.zrank
+            rank = await rank_of(index, after)
+            if rank is None:
+                raise UnknownCursor(after)
+            start = int(rank) + 1
         while len(found) <= limit:  # one extra tells whether there is more
-            start = 0
-            if cursor is not None:
-                rank = await (
-                    self.redis.zrevrank(index, cursor)
-                    if newest_first
-                    else self.redis.zrank(index, cursor)
-                )
-                if rank is None:
-                    if cursor == after:
-                        raise UnknownCursor(after)
-                    break  # the page's last object expired meanwhile
-                start = int(rank) + 1
             end = start + limit  # limit + 1 ids
             raw = await (
                 self.redis.zrevrange(index, start, end)
@@ -299,5 +294,5 @@ class ApiStore:
             if gone:
                 await self.redis.zrem(index, *gone)  # expired
             found += [o for o in objects if o is not None]
-            cursor = ids[-1]
+            start += len(ids) - len(gone)  # the dropped ids no longer take up ranks
         return found[:limit], len(found) > limit

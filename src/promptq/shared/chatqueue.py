@@ -9,8 +9,9 @@ cost of one interactive request. A chat request is one entry in ``keys.CHAT_QUEU
 Workers take entries before any batch work (``Dispatcher.claim_chat``), keep them in
 their ``keys.worker_chat`` hash while they run (so a dead worker's entries are handed
 back), and push the result line to the replica's ``keys.chat_replies`` list, where the
-waiting handler picks it up. An entry whose ``deadline`` (unix seconds) has passed is
-dropped unsent: its handler has already answered 504.
+waiting handler picks it up. An entry whose ``deadline`` (unix seconds on Redis' clock,
+to which every process measures its offset) has passed is dropped unsent: its handler
+has already answered 504.
 """
 
 from __future__ import annotations

@@ -48,6 +48,13 @@ def is_redis_outage(exc: BaseException) -> bool:
     return False
 
 
+async def redis_clock_offset(redis: ArqRedis) -> float:
+    """Redis' clock minus this machine's, in seconds: times compared across machines
+    (chat deadlines) are kept on Redis' clock."""
+    seconds, micros = await redis.time()
+    return float(seconds) + float(micros) / 1_000_000 - time.time()
+
+
 class RedisHealth:
     """This process's view of Redis: one warning when an outage starts, one line when
     it ends, however many loops notice it.

@@ -230,12 +230,16 @@ return n
 
 # KEYS: chat queue, the worker's chat hash. ARGV: max count.
 # A worker takes up to N chat requests: popped from the queue and kept in its hash
-# (id = the entry's first 32 characters) until answered. Returns the entries.
+# (id = the entry's first 32 characters, if they are hex) until answered. An entry
+# without such an id is returned but not kept: the worker drops it. Returns the entries.
 CHAT_CLAIM = """
 local entries = redis.call('LPOP', KEYS[1], tonumber(ARGV[1]))
 if not entries then return {} end
 for _, e in ipairs(entries) do
-  redis.call('HSET', KEYS[2], string.sub(e, 1, 32), e)
+  local id = string.sub(e, 1, 32)
+  if string.match(id, '^[0-9a-f]+$') and #id == 32 then
+    redis.call('HSET', KEYS[2], id, e)
+  end
 end
 return entries
 """
@@ -260,12 +264,16 @@ for k, _ in pairs(touched) do redis.call('EXPIRE', KEYS[k], tonumber(ARGV[1])) e
 return pushed
 """
 
-# KEYS: chat queue, a worker's chat hash. ARGV: ids (none: all of them).
+# KEYS: chat queue, a worker's chat hash. ARGV: 'all', or 'ids' followed by ids.
 # Hands unanswered chat requests back to the front of the queue (a worker shutting
 # down, a dead worker, a claim whose reply was lost). Returns how many.
 CHAT_REQUEUE = """
-local ids = ARGV
-if #ids == 0 then ids = redis.call('HKEYS', KEYS[2]) end
+local ids = {}
+if ARGV[1] == 'all' then
+  ids = redis.call('HKEYS', KEYS[2])
+else
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+end
 local n = 0
 for _, id in ipairs(ids) do
   local e = redis.call('HGET', KEYS[2], id)

@@ -39,10 +39,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from arq.connections import ArqRedis
+from redis.exceptions import ResponseError
 
 from promptq.shared import keys, serialization
 from promptq.shared.chatqueue import BadChatEntry, ChatEntry
-from promptq.shared.connection import REDIS_DOWN, is_redis_outage, redis_health
+from promptq.shared.connection import (
+    REDIS_DOWN,
+    is_redis_outage,
+    redis_clock_offset,
+    redis_health,
+)
 from promptq.shared.errors import UpstreamError
 from promptq.shared.lifecycle import (
     CANCELLED_CODE,
@@ -147,6 +153,8 @@ class Dispatcher:
         self._chat_tasks: dict[asyncio.Task[None], str] = {}
         self._chat_replies: list[tuple[str, str, bytes]] = []  # (id, replica, line)
         self._chat_loop_task: asyncio.Task[None] | None = None
+        #: Redis' clock minus this machine's (chat deadlines are on Redis' clock)
+        self.clock_offset_s = 0.0
 
     # -- capacity -------------------------------------------------------------------
 
@@ -287,9 +295,11 @@ class Dispatcher:
                 entry = ChatEntry.decode(raw)
             except BadChatEntry as exc:
                 logger.error("dropped a chat request: %s", exc)
-                self._queue_chat_reply(raw[: keys.CHAT_ID_LEN].decode("ascii", "replace"), "", b"")
+                chat_id = raw[: keys.CHAT_ID_LEN].decode("ascii", "replace")
+                if keys.CHAT_ID_RE.match(chat_id):  # kept by the claim: forget it
+                    self._queue_chat_reply(chat_id, "", b"")
                 continue
-            if entry.deadline < now:  # its handler gave up (504): do not send it
+            if entry.deadline < now + self.clock_offset_s:  # its handler gave up (504)
                 self._queue_chat_reply(entry.id, "", b"")
                 continue
             self.claimed += 1
@@ -306,7 +316,11 @@ class Dispatcher:
         finally:
             self._task_ended(self._chat_tasks)
         self._count(outcome)
-        line = serialization.dumps(result_line(entry.id, outcome))
+        try:
+            line = serialization.dumps(result_line(entry.id, outcome))
+        except Exception as exc:  # e.g. an answer orjson cannot encode: still answer
+            logger.exception("chat request %s: could not encode its answer", entry.id)
+            line = serialization.dumps(result_line(entry.id, _internal_error(exc)))
         self._queue_chat_reply(entry.id, entry.replica, line)
 
     def _queue_chat_reply(self, chat_id: str, replica: str, line: bytes) -> None:
@@ -419,44 +433,68 @@ class Dispatcher:
     async def _flush_loop(self) -> None:
         delay = 0.05
         while self._buffer or self._chat_replies:
-            batch_id = ""
-            try:
-                if self._chat_replies:  # someone is waiting for these: first
-                    await self._flush_chat()
-                    final = too_many_failures = 0
-                else:
-                    batch_id, pending = next(iter(self._buffer.items()))
-                    del self._buffer[batch_id]
-                    try:
-                        _added, final, too_many_failures = await self.scripts.record(
-                            keys=[
-                                keys.batch(batch_id),
-                                keys.results(batch_id),
-                                keys.inflight(batch_id),
-                                keys.events(batch_id),
-                            ],
-                            args=[pending.count, *pending.args],
-                        )
-                    except BaseException:  # keep the results, try again
-                        merged = self._buffer.setdefault(batch_id, _Pending())
-                        merged.args[:0] = pending.args
-                        raise
-            except Exception as exc:  # Redis down: the results are kept, try again
-                what = f"results of {batch_id}" if batch_id else "chat answers"
-                if is_redis_outage(exc):  # one line per outage, not per retry
-                    redis_health.failed(exc, doing=f"recording {what}")
-                else:
-                    logger.warning("could not record %s (%s); retrying in %.1fs", what, exc, delay)
+            # chat answers first (a handler waits for each), then one batch's results:
+            # neither kind can hold the other up for long
+            ok = await self._flush_chat_step() and await self._flush_batch_step()
+            if ok:
+                delay = 0.05
+                redis_health.ok()
+            else:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-                continue
-            delay = 0.05
-            redis_health.ok()
-            if int(final):
-                await self._enqueue_aggregate(batch_id)
-            elif int(too_many_failures) and batch_id not in self._stopped:
-                await self._stop_for_failure_rate(batch_id)
         self._flushed.set()
+
+    async def _flush_chat_step(self) -> bool:
+        if not self._chat_replies:
+            return True
+        try:
+            await self._flush_chat()
+        except ResponseError as exc:
+            if "WRONGTYPE" not in str(exc):
+                self._flush_failed(exc, "chat answers")
+                return False
+            # a key of another type where a reply list should be: retrying cannot help,
+            # so forget these answers rather than hold up every other result
+            logger.error("dropped %d chat answer(s): %s", len(self._chat_replies), exc)
+            self._chat_replies = [(i, "", b"") for i, _r, _l in self._chat_replies]
+            return False
+        except Exception as exc:  # Redis down: the answers are kept, try again
+            self._flush_failed(exc, "chat answers")
+            return False
+        return True
+
+    async def _flush_batch_step(self) -> bool:
+        if not self._buffer:
+            return True
+        batch_id, pending = next(iter(self._buffer.items()))
+        del self._buffer[batch_id]
+        try:
+            _added, final, too_many_failures = await self.scripts.record(
+                keys=[
+                    keys.batch(batch_id),
+                    keys.results(batch_id),
+                    keys.inflight(batch_id),
+                    keys.events(batch_id),
+                ],
+                args=[pending.count, *pending.args],
+            )
+        except Exception as exc:  # Redis down: keep the results, try again
+            merged = self._buffer.setdefault(batch_id, _Pending())
+            merged.args[:0] = pending.args
+            self._flush_failed(exc, f"results of {batch_id}")
+            return False
+        if int(final):
+            await self._enqueue_aggregate(batch_id)
+        elif int(too_many_failures) and batch_id not in self._stopped:
+            await self._stop_for_failure_rate(batch_id)
+        return True
+
+    @staticmethod
+    def _flush_failed(exc: Exception, what: str) -> None:
+        if is_redis_outage(exc):  # one line per outage, not per retry
+            redis_health.failed(exc, doing=f"recording {what}")
+        else:
+            logger.warning("could not record %s (%s); retrying", what, exc)
 
     async def _enqueue_aggregate(self, batch_id: str) -> None:
         # Only this worker saw the batch become final: keep trying until the job is in.
@@ -483,6 +521,7 @@ class Dispatcher:
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.clock_offset_s = await redis_clock_offset(self.redis)
         await self._beat()
         self._heartbeat_task = asyncio.create_task(self._heartbeat_loop())
         self._chat_loop_task = asyncio.create_task(self._chat_loop(), name="chat lane")
@@ -508,7 +547,7 @@ class Dispatcher:
         try:
             # nothing of ours runs now: a chat request still marked ours (a claim whose
             # reply was lost) goes back to the queue
-            await self._requeue_chat([])
+            await self._requeue_chat(None)
             await self.redis.delete(
                 keys.worker(self.worker_id), keys.worker_batches(self.worker_id)
             )
@@ -529,7 +568,7 @@ class Dispatcher:
                 by_batch.setdefault(batch_id, []).append(custom_id)
         await asyncio.gather(*unfinished, return_exceptions=True)
         if chat_ids:
-            released = await self._requeue_chat(chat_ids)
+            released = await self._requeue_chat(list(chat_ids))
             logger.info("handed %s unfinished chat request(s) back", released)
         for batch_id, ids in by_batch.items():
             released = await self.scripts.release(
@@ -539,13 +578,16 @@ class Dispatcher:
             logger.info("handed %s unfinished request(s) of %s back", released, batch_id)
             await self._resume(batch_id)
 
-    async def _requeue_chat(self, chat_ids: list[str], *, worker_id: str | None = None) -> int:
+    async def _requeue_chat(
+        self, chat_ids: list[str | bytes] | None, *, worker_id: str | None = None
+    ) -> int:
         """Put chat requests of this (or a dead) worker back at the front of the chat
-        queue (no ids: all of them) and wake the workers. Returns how many."""
+        queue (``None``: all of them) and wake the workers. Returns how many."""
+        owner = self.worker_id if worker_id is None else worker_id
         n = int(
             await self.scripts.chat_requeue(
-                keys=[keys.CHAT_QUEUE, keys.worker_chat(worker_id or self.worker_id)],
-                args=chat_ids,
+                keys=[keys.CHAT_QUEUE, keys.worker_chat(owner)],
+                args=["all"] if chat_ids is None else ["ids", *chat_ids],
             )
         )
         if n:
@@ -588,8 +630,8 @@ class Dispatcher:
         held: list[bytes] = await self.redis.hkeys(keys.worker_chat(self.worker_id))  # type: ignore[misc]
         if not self._quiet():  # a claim started meanwhile: look again next beat
             return False
-        running = set(self._chat_tasks.values())
-        stranded = [decode(i) for i in held if decode(i) not in running]
+        running = {i.encode() for i in self._chat_tasks.values()}
+        stranded: list[str | bytes] = [i for i in held if i not in running]
         if stranded:
             released = await self._requeue_chat(stranded)
             logger.warning(
@@ -683,7 +725,7 @@ class Dispatcher:
                         batch_id,
                     )
                     await self._resume(batch_id)
-            n = await self._requeue_chat([], worker_id=dead)
+            n = await self._requeue_chat(None, worker_id=dead)
             if n:
                 total += n
                 logger.warning("worker %s died: handed %s chat request(s) back", dead, n)
