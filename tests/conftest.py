@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 from arq.connections import ArqRedis
 
+from promptq import Producer
+from promptq.api.lane import ChatLane
 from promptq.mock import MockConfig, MockServer
 from promptq.shared import keys
 from promptq.shared.connection import connect
@@ -124,6 +126,26 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+def chat_body(text: str) -> dict[str, Any]:
+    """A chat completion request body for the mock."""
+    return {"model": "mock-gpt", "messages": [{"role": "user", "content": text}]}
+
+
+async def chat_keys(redis: ArqRedis) -> list[bytes]:
+    """Every key of the chat lane (none left once every request is answered)."""
+    return [k async for k in redis.scan_iter(match="promptq:{chat}:*")]
+
+
+@contextlib.asynccontextmanager
+async def open_lane(producer: Producer) -> AsyncIterator[ChatLane]:
+    """The API's chat lane on ``producer``, closed on the way out."""
+    lane = ChatLane(producer)
+    try:
+        yield lane
+    finally:
+        await lane.close()
+
+
 @contextlib.asynccontextmanager
 async def in_process_worker(settings: Settings) -> AsyncIterator[PromptqWorker]:
     """A ``PromptqWorker`` running in this event loop (its scripts can be patched), from
@@ -170,6 +192,17 @@ class WorkerProcs:
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+
+    def use(self, mock: MockServer, **update: object) -> Settings:
+        """Point the workers started from now on at ``mock``, with ``update`` applied;
+        returns their settings."""
+        self.settings = self.settings.model_copy(update={"upstream_url": mock.url, **update})
+        return self.settings
+
+    async def launch(self, redis: ArqRedis, count: int, **env: str) -> None:
+        """Start ``count`` workers and wait until ``count`` heartbeats are in Redis."""
+        self.start(count, **env)
+        await self.wait_ready(redis, count)
 
     def start(self, count: int, **env: str) -> None:
         for _ in range(count):

@@ -480,6 +480,7 @@ async def test_metrics_report_workers_queue_batches_and_latency(
 ) -> None:
     producer = Producer(redis, settings=settings)
     await producer.submit([f"p{i}" for i in range(7)])  # no worker: all 7 stay queued
+    await redis.rpush(keys.CHAT_QUEUE, b"chat entry")  # and one chat request
     await redis.zadd(keys.WORKERS, {"w1": 9e9})
     await redis.hset(
         keys.worker("w1"), mapping={"in_flight": 3, "done": 10, "failed": 2, "retries": 4}
@@ -496,7 +497,7 @@ async def test_metrics_report_workers_queue_batches_and_latency(
         for s in family.samples
     }
     assert samples[("promptq_workers", ())] == 1
-    assert samples[("promptq_requests_queued", ())] == 7
+    assert samples[("promptq_requests_queued", ())] == 8
     assert samples[("promptq_requests_in_flight", ())] == 3
     assert samples[("promptq_requests_completed_total", (("worker", "w1"),))] == 10
     assert samples[("promptq_requests_failed_total", (("worker", "w1"),))] == 2

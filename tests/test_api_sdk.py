@@ -22,7 +22,7 @@ from promptq.mock import MockServer, expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
-from .conftest import WorkerProcs, free_port, wait_until, worker_env
+from .conftest import WorkerProcs, chat_keys, free_port, wait_until, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -263,8 +263,7 @@ async def test_sdk_chat_completion_goes_through_the_queue(
     worker_procs: WorkerProcs,
     mock: MockServer,
 ) -> None:
-    worker_procs.start(1)
-    await worker_procs.wait_ready(redis, 1)
+    await worker_procs.launch(redis, 1)
     messages: Any = [{"role": "user", "content": "what is promptq?"}]
     raw = await client.chat.completions.with_raw_response.create(
         model="mock-gpt", messages=messages
@@ -276,7 +275,7 @@ async def test_sdk_chat_completion_goes_through_the_queue(
     # the chat lane makes no batch and leaves nothing behind once answered
     assert [k async for k in redis.scan_iter(match="promptq:batch:*")] == []
     assert await redis.zcard(keys.BATCHES) == 0
-    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []
+    assert await chat_keys(redis) == []
 
     # the upstream's own error comes back with its status
     bad: Any = [{"role": "user", "content": "x [[mock status=400]]"}]

@@ -5,9 +5,7 @@ requests held by a worker that dies, drains or loses a reply are handed back."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -15,7 +13,7 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq import Producer, Status
-from promptq.api.lane import ChatLane, LaneClosed
+from promptq.api.lane import LaneClosed
 from promptq.embedded import local_cluster
 from promptq.mock import MockServer, expected_content
 from promptq.shared import keys
@@ -24,30 +22,13 @@ from promptq.shared.errors import QueueFull
 from promptq.shared.scripts import Scripts
 from promptq.shared.settings import Settings
 
-from .conftest import in_process_worker, wait_until
-
-
-def body(text: str) -> dict[str, Any]:
-    return {"model": "mock-gpt", "messages": [{"role": "user", "content": text}]}
-
-
-@contextlib.asynccontextmanager
-async def open_lane(producer: Producer) -> AsyncIterator[ChatLane]:
-    lane = ChatLane(producer)
-    try:
-        yield lane
-    finally:
-        await lane.close()
-
-
-async def chat_keys(redis: ArqRedis) -> list[bytes]:
-    return [k async for k in redis.scan_iter(match="promptq:{chat}:*")]
+from .conftest import chat_body, chat_keys, in_process_worker, open_lane, wait_until
 
 
 async def test_concurrent_chat_requests_get_their_own_answers_without_a_batch(
     redis: ArqRedis, settings: Settings, mock: MockServer
 ) -> None:
-    bodies = [body(f"question {i}") for i in range(30)]
+    bodies = [chat_body(f"question {i}") for i in range(30)]
     async with local_cluster(settings, workers=1) as producer, open_lane(producer) as lane:
         answers = await asyncio.gather(*(lane.send(lane.validate(b), timeout_s=20) for b in bodies))
     for b, (line, chat_id) in zip(bodies, answers, strict=True):
@@ -71,7 +52,7 @@ async def test_chat_requests_go_ahead_of_bulk_work(redis: ArqRedis, settings: Se
             return int(await redis.hlen(keys.inflight(batch.id))) == 2
 
         await wait_until(busy, what="both slots busy with bulk work")
-        line, _chat_id = await lane.send(lane.validate(body("urgent")), timeout_s=20)
+        line, _chat_id = await lane.send(lane.validate(chat_body("urgent")), timeout_s=20)
         info = await batch.info(with_stats=False)
         assert line["error"] is None
         # the chat request took the first slot that freed, not a slot after the bulk queue
@@ -84,9 +65,9 @@ async def test_expired_and_unreadable_entries_are_dropped_unsent(
     redis: ArqRedis, settings: Settings, mock: MockServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     replica = new_chat_id()
-    expired = ChatEntry(id=new_chat_id(), body=body("late"), replica=replica, deadline=1.0)
+    expired = ChatEntry(id=new_chat_id(), body=chat_body("late"), replica=replica, deadline=1.0)
     fresh = ChatEntry(
-        id=new_chat_id(), body=body("on time"), replica=replica, deadline=time.time() + 60
+        id=new_chat_id(), body=chat_body("on time"), replica=replica, deadline=time.time() + 60
     )
     planted = [
         b"x" * 40,
@@ -114,7 +95,7 @@ async def test_a_dead_workers_chat_requests_are_handed_back_and_answered(
     redis: ArqRedis, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with open_lane(Producer(redis, settings=settings)) as lane:
-        waiting = asyncio.create_task(lane.send(lane.validate(body("orphan")), timeout_s=30))
+        waiting = asyncio.create_task(lane.send(lane.validate(chat_body("orphan")), timeout_s=30))
 
         async def queued() -> bool:
             return int(await redis.llen(keys.CHAT_QUEUE)) == 1
@@ -139,7 +120,7 @@ async def test_a_draining_worker_hands_unfinished_chat_requests_back(
     draining = settings.model_copy(update={"shutdown_grace_s": 0.1})
     async with open_lane(Producer(redis, settings=settings)) as lane:
         async with in_process_worker(draining) as worker:
-            slow = lane.validate(body("slow [[mock latency_ms=1500]]"))
+            slow = lane.validate(chat_body("slow [[mock latency_ms=1500]]"))
             waiting = asyncio.create_task(lane.send(slow, timeout_s=30))
             assert worker.dispatcher is not None
             held = keys.worker_chat(worker.dispatcher.worker_id)
@@ -162,14 +143,16 @@ async def test_chat_requests_count_against_the_queue_limit(
 ) -> None:
     capped = settings.model_copy(update={"max_queued": 2})
     async with open_lane(Producer(redis, settings=capped)) as lane:  # no workers
-        first = [asyncio.create_task(lane.send(lane.validate(body(t)), timeout_s=20)) for t in "ab"]
+        first = [
+            asyncio.create_task(lane.send(lane.validate(chat_body(t)), timeout_s=20)) for t in "ab"
+        ]
 
         async def queued() -> bool:
             return int(await redis.llen(keys.CHAT_QUEUE)) == 2
 
         await wait_until(queued, what="two chat requests queued")
         with pytest.raises(QueueFull, match="PROMPTQ_MAX_QUEUED"):
-            await lane.send(lane.validate(body("c")), timeout_s=20)
+            await lane.send(lane.validate(chat_body("c")), timeout_s=20)
         assert await Producer(redis, settings=capped).queued_requests() == 2
         await lane.close()
         for task in first:
@@ -183,7 +166,7 @@ async def test_a_timed_out_request_is_not_sent_later(
 ) -> None:
     async with open_lane(Producer(redis, settings=settings)) as lane:  # no workers yet
         with pytest.raises(TimeoutError):
-            await lane.send(lane.validate(body("impatient")), timeout_s=0.2)
+            await lane.send(lane.validate(chat_body("impatient")), timeout_s=0.2)
         assert await redis.llen(keys.CHAT_QUEUE) == 1
         async with local_cluster(settings, workers=1):
             await wait_until(lambda: _chat_keys_gone(redis), what="the entry to be dropped")
@@ -196,7 +179,7 @@ async def test_an_answer_redis_refuses_is_dropped_without_holding_up_batches(
     replica = new_chat_id()
     await redis.set(keys.chat_replies(replica), "not a list")  # a wrong-type key in the way
     entry = ChatEntry(
-        id=new_chat_id(), body=body("lost"), replica=replica, deadline=time.time() + 60
+        id=new_chat_id(), body=chat_body("lost"), replica=replica, deadline=time.time() + 60
     )
     await redis.rpush(keys.CHAT_QUEUE, entry.encode())
     async with local_cluster(settings, workers=1) as producer:
@@ -223,7 +206,7 @@ async def test_a_dead_worker_with_an_empty_id_does_not_take_our_requests(
         dispatcher = worker.dispatcher
         assert dispatcher is not None
         slow = asyncio.create_task(
-            lane.send(lane.validate(body("slow [[mock latency_ms=800]]")), timeout_s=20)
+            lane.send(lane.validate(chat_body("slow [[mock latency_ms=800]]")), timeout_s=20)
         )
         held = keys.worker_chat(dispatcher.worker_id)
 

@@ -32,8 +32,7 @@ async def test_thousand_requests_two_worker_processes(
 ) -> None:
     settings = settings.model_copy(update={"concurrency": 32})
     worker_procs.settings = settings
-    worker_procs.start(2)
-    await worker_procs.wait_ready(redis, 2)
+    await worker_procs.launch(redis, 2)
     items = [request(i) for i in range(1000)]
     recovered = sum(1 for it in items if "fail=1" in it["prompt"])
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:

@@ -72,8 +72,7 @@ async def test_three_workers_keep_to_the_upstreams_rpm_with_zero_429s(
             update={"upstream_url": strict.url, "rpm": rpm, "concurrency": 16}
         )
         worker_procs.settings = settings
-        worker_procs.start(3, PROMPTQ_RPM=str(rpm))
-        await worker_procs.wait_ready(redis, 3)
+        await worker_procs.launch(redis, 3, PROMPTQ_RPM=str(rpm))
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
             batch = await p.submit([f"r{i}" for i in range(81)])
             stats = await batch.wait(timeout_s=60)

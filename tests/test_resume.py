@@ -63,12 +63,6 @@ async def promptq_run(
     return proc.returncode, err.decode(), lines
 
 
-def use(settings: Settings, mock: MockServer, procs: WorkerProcs) -> Settings:
-    settings = settings.model_copy(update={"upstream_url": mock.url, "concurrency": 10})
-    procs.settings = settings
-    return settings
-
-
 async def test_run_resumes_a_batch_whose_producer_died_without_sending_twice(
     redis: ArqRedis,
     settings: Settings,
@@ -76,9 +70,8 @@ async def test_run_resumes_a_batch_whose_producer_died_without_sending_twice(
     worker_procs: WorkerProcs,
     tmp_path: Path,
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(1)
-    await worker_procs.wait_ready(redis, 1)
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 1)
     input_path = write_input(tmp_path / "in.jsonl")
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit_file(input_path, batch_id="nightly-1")
@@ -110,9 +103,8 @@ async def test_run_resumes_a_batch_whose_workers_and_tickets_are_all_gone(
     worker_procs: WorkerProcs,
     tmp_path: Path,
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(1)
-    await worker_procs.wait_ready(redis, 1)
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 1)
     input_path = write_input(tmp_path / "in.jsonl")
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit_file(input_path, batch_id="nightly-2")
@@ -182,8 +174,7 @@ async def test_run_starts_over_a_batch_its_producer_left_validating(
     worker_procs: WorkerProcs,
     tmp_path: Path,
 ) -> None:
-    worker_procs.start(1)
-    await worker_procs.wait_ready(redis, 1)
+    await worker_procs.launch(redis, 1)
     # a producer died while writing the requests: half of them, and the status says so
     half = [f"r{i}" for i in range(N // 2)]
     await redis.hset(keys.batch("nightly-4"), mapping={"status": "validating", "total": N})  # type: ignore[misc]

@@ -25,13 +25,20 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq import Producer, Status
-from promptq.api.lane import ChatLane
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer
 from promptq.shared.connection import connect, redis_health
 from promptq.shared.settings import Settings
 
-from ..conftest import WorkerProcs, free_port, in_process_worker, wait_until
+from ..conftest import (
+    WorkerProcs,
+    chat_body,
+    chat_keys,
+    free_port,
+    in_process_worker,
+    open_lane,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -130,14 +137,10 @@ async def two_workers_on(
     server: PrivateRedis, settings: Settings, mock: MockServer, procs: WorkerProcs
 ) -> Settings:
     """Start two worker processes on ``server`` and ``mock``; returns their settings."""
-    settings = settings.model_copy(
-        update={"redis_url": server.url, "upstream_url": mock.url, "concurrency": 10}
-    )
-    procs.settings = settings
-    procs.start(2)
+    settings = procs.use(mock, redis_url=server.url, concurrency=10)
     client = await connect(server.url)
     try:
-        await procs.wait_ready(client, 2)
+        await procs.launch(client, 2)
     finally:
         await client.aclose()
     return settings
@@ -213,24 +216,21 @@ async def test_redis_killed_and_restarted_with_chat_requests_in_flight(
     """Queued, claimed and answered-but-unread chat requests all live in Redis (AOF):
     every waiting handler gets its answer once Redis is back."""
     settings = await two_workers_on(private_redis, settings, slow_mock, worker_procs)
-    bodies = [
-        {"model": "mock-gpt", "messages": [{"role": "user", "content": f"r{i}"}]} for i in range(60)
-    ]
-    async with Producer.from_url(private_redis.url, settings=settings) as producer:
-        lane = ChatLane(producer)
-        try:
-            sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
+    bodies = [chat_body(f"r{i}") for i in range(60)]
+    async with (
+        Producer.from_url(private_redis.url, settings=settings) as producer,
+        open_lane(producer) as lane,
+    ):
+        sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
 
-            async def some_answered() -> bool:
-                return sum(t.done() for t in sent) >= 5
+        async def some_answered() -> bool:
+            return sum(t.done() for t in sent) >= 5
 
-            await wait_until(some_answered, timeout_s=30, what="the first answers")
-            private_redis.kill()
-            await asyncio.sleep(outage_s)  # the fault itself: Redis stays down this long
-            await private_redis.start()
-            answers = await asyncio.wait_for(asyncio.gather(*sent), 60)
-        finally:
-            await lane.close()
+        await wait_until(some_answered, timeout_s=30, what="the first answers")
+        private_redis.kill()
+        await asyncio.sleep(outage_s)  # the fault itself: Redis stays down this long
+        await private_redis.start()
+        answers = await asyncio.wait_for(asyncio.gather(*sent), 60)
     assert len({chat_id for _line, chat_id in answers}) == 60
     assert all(line["error"] is None for line, _id in answers)
     assert all(proc.poll() is None for proc in worker_procs.procs), worker_procs.log_text()
@@ -304,21 +304,17 @@ async def test_chat_requests_claimed_by_a_lost_reply_are_handed_back(
             return entries
 
         monkeypatch.setattr(dispatcher.scripts, "chat_claim", claim_with_a_lost_reply)
-        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
-            lane = ChatLane(p)
-            try:
-                bodies = [
-                    {"model": "mock-gpt", "messages": [{"role": "user", "content": f"c{i}"}]}
-                    for i in range(10)
-                ]
-                answers = await asyncio.gather(
-                    *(lane.send(lane.validate(b), timeout_s=20) for b in bodies)
-                )
-            finally:
-                await lane.close()
+        async with (
+            Producer.from_url(settings.redis_url_or_default, settings=settings) as p,
+            open_lane(p) as lane,
+        ):
+            bodies = [chat_body(f"c{i}") for i in range(10)]
+            answers = await asyncio.gather(
+                *(lane.send(lane.validate(b), timeout_s=20) for b in bodies)
+            )
     assert lost  # the scenario happened
     assert all(line["error"] is None for line, _id in answers)
-    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []
+    assert await chat_keys(redis) == []
 
 
 async def test_an_acl_user_limited_to_promptq_keys_runs_a_batch(

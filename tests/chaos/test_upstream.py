@@ -48,20 +48,9 @@ async def chaotic_mock() -> AsyncIterator[MockServer]:
         yield server
 
 
-def use(
-    settings: Settings, mock: MockServer, procs: WorkerProcs, *, timeout_s: float = 1.0
-) -> Settings:
+def use(procs: WorkerProcs, mock: MockServer, *, timeout_s: float = 1.0) -> Settings:
     # a short per-attempt timeout, so that a hung answer costs a second, not a minute
-    settings = settings.model_copy(
-        update={
-            "upstream_url": mock.url,
-            "timeout_s": timeout_s,
-            "max_attempts": 3,
-            "concurrency": 50,
-        }
-    )
-    procs.settings = settings
-    return settings
+    return procs.use(mock, timeout_s=timeout_s, max_attempts=3, concurrency=50)
 
 
 async def run_batch(producer: Producer, n: int, tag: str) -> tuple[Batch, Counter[str]]:
@@ -85,9 +74,8 @@ async def run_batch(producer: Producer, n: int, tag: str) -> tuple[Batch, Counte
 async def test_chaotic_upstream_every_request_ends_once_and_classified(
     redis: ArqRedis, settings: Settings, chaotic_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, chaotic_mock, worker_procs)
-    worker_procs.start(2)
-    await worker_procs.wait_ready(redis, 2)
+    settings = use(worker_procs, chaotic_mock)
+    await worker_procs.launch(redis, 2)
     started = time.monotonic()
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         _, outcomes = await run_batch(producer, 600, "chaos")
@@ -120,9 +108,8 @@ def rss_kb(pid: int) -> int:
 async def test_worker_memory_stays_flat_over_many_chaotic_batches(
     redis: ArqRedis, settings: Settings, chaotic_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, chaotic_mock, worker_procs, timeout_s=0.5)
-    worker_procs.start(1, PROMPTQ_CONCURRENCY="100")
-    await worker_procs.wait_ready(redis, 1)
+    settings = use(worker_procs, chaotic_mock, timeout_s=0.5)
+    await worker_procs.launch(redis, 1, PROMPTQ_CONCURRENCY="100")
     pid = worker_procs.procs[0].pid
     rss: list[int] = []
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:

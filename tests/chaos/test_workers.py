@@ -14,12 +14,11 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq import Batch, Producer, Status
-from promptq.api.lane import ChatLane
 from promptq.mock import MockConfig, MockServer, expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
-from ..conftest import WorkerProcs, wait_until
+from ..conftest import WorkerProcs, chat_body, chat_keys, open_lane, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +27,6 @@ pytestmark = pytest.mark.e2e
 async def slow_mock() -> AsyncIterator[MockServer]:
     async with MockServer(MockConfig(latency_ms=300)) as server:
         yield server
-
-
-def use(settings: Settings, mock: MockServer, procs: WorkerProcs, **update: object) -> Settings:
-    settings = settings.model_copy(update={"upstream_url": mock.url, "concurrency": 10, **update})
-    procs.settings = settings
-    return settings
 
 
 async def in_flight_somewhere(redis: ArqRedis, batch: Batch) -> bool:
@@ -66,9 +59,8 @@ async def check_exactly_once(batch: Batch, total: int) -> None:
 async def test_sigkill_mid_batch_loses_nothing(
     redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(2)
-    await worker_procs.wait_ready(redis, 2)
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 2)
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit([f"k{i}" for i in range(200)])
         await wait_until(lambda: in_flight_somewhere(redis, batch), what="requests in flight")
@@ -91,9 +83,8 @@ async def test_sigkill_mid_batch_loses_nothing(
 async def test_sigterm_drains_in_flight_requests(
     redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(2)
-    await worker_procs.wait_ready(redis, 2)
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 2)
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit([f"t{i}" for i in range(120)])
         pid = worker_procs.procs[0].pid
@@ -110,7 +101,7 @@ async def test_sigterm_past_the_grace_period_hands_requests_back_without_an_atte
     redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs
 ) -> None:
     async with MockServer(MockConfig(latency_ms=1500)) as very_slow:
-        settings = use(settings, very_slow, worker_procs)
+        settings = worker_procs.use(very_slow, concurrency=10)
         worker_procs.start(1, PROMPTQ_SHUTDOWN_GRACE_S="0.2")
         worker_procs.start(1)
         await worker_procs.wait_ready(redis, 2)
@@ -129,9 +120,8 @@ async def test_sigterm_past_the_grace_period_hands_requests_back_without_an_atte
 async def test_rolling_restart_of_every_worker_loses_nothing(
     redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(2)
-    await worker_procs.wait_ready(redis, 2)
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 2)
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = await producer.submit([f"r{i}" for i in range(300)])
         for old in (0, 1):
@@ -157,27 +147,22 @@ async def chat_held_by(redis: ArqRedis, pid: int) -> int:
 async def test_sigkill_with_chat_requests_in_flight_answers_each_of_them(
     redis: ArqRedis, settings: Settings, slow_mock: MockServer, worker_procs: WorkerProcs
 ) -> None:
-    settings = use(settings, slow_mock, worker_procs)
-    worker_procs.start(1)
-    await worker_procs.wait_ready(redis, 1)
-    bodies = [
-        {"model": "mock-gpt", "messages": [{"role": "user", "content": f"chat {i}"}]}
-        for i in range(30)
-    ]
-    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
-        lane = ChatLane(producer)
-        try:
-            sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
-            pid = worker_procs.procs[0].pid
-            await wait_until(lambda: chat_held_by(redis, pid), what="the worker to take some")
-            worker_procs.kill(0)
-            worker_procs.start(1)  # the survivor finds the dead one's requests
-            answers = await asyncio.gather(*sent)
-        finally:
-            await lane.close()
+    settings = worker_procs.use(slow_mock, concurrency=10)
+    await worker_procs.launch(redis, 1)
+    bodies = [chat_body(f"chat {i}") for i in range(30)]
+    async with (
+        Producer.from_url(settings.redis_url_or_default, settings=settings) as producer,
+        open_lane(producer) as lane,
+    ):
+        sent = [asyncio.create_task(lane.send(lane.validate(b), timeout_s=60)) for b in bodies]
+        pid = worker_procs.procs[0].pid
+        await wait_until(lambda: chat_held_by(redis, pid), what="the worker to take some")
+        worker_procs.kill(0)
+        worker_procs.start(1)  # the survivor finds the dead one's requests
+        answers = await asyncio.gather(*sent)
     for b, (line, chat_id) in zip(bodies, answers, strict=True):
         assert line["custom_id"] == chat_id
         assert line["response"]["body"]["choices"][0]["message"]["content"] == expected_content(b)
     assert "handed" in worker_procs.log_text()
     assert "chat request(s) back" in worker_procs.log_text()
-    assert [k async for k in redis.scan_iter(match="promptq:{chat}:*")] == []
+    assert await chat_keys(redis) == []

@@ -18,7 +18,7 @@ from promptq.api.errors import (
     read_json_object,
     unknown_cursor,
 )
-from promptq.api.intake import expire_stale_validation, validate_and_enqueue
+from promptq.api.intake import expire_stale_validation, logged, validate_and_enqueue
 from promptq.api.objects import COMPLETION_WINDOW, batch_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
 from promptq.api.store import StoredBatch, UnknownCursor
@@ -138,17 +138,17 @@ async def create_batch(request: web.Request) -> web.Response:
         ttl_s=settings.result_ttl_s,
         validation_timeout_s=settings.api_validation_timeout_s,
     )
+    job = validate_and_enqueue(
+        producer=request.app[PRODUCER],
+        store=store,
+        settings=settings,
+        batch_id=batch_id,
+        file_id=file_id,
+        endpoint=endpoint,
+        created_at=float(stored.api["created_at"]),
+    )
     task = asyncio.create_task(
-        validate_and_enqueue(
-            producer=request.app[PRODUCER],
-            store=store,
-            settings=settings,
-            batch_id=batch_id,
-            file_id=file_id,
-            endpoint=endpoint,
-            created_at=float(stored.api["created_at"]),
-        ),
-        name=f"validate {batch_id}",
+        logged(job, f"validating batch {batch_id} (input {file_id})"), name=f"validate {batch_id}"
     )
     tasks = request.app[TASKS]
     tasks.add(task)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from promptq.api.store import ApiStore, StoredBatch
@@ -60,6 +61,14 @@ def batch_errors(errors: list[LineError], total: int) -> list[dict[str, Any]]:
     return data
 
 
+async def logged(job: Awaitable[None], what: str) -> None:
+    """Await ``job``, logging (not raising) its failure: for tasks nobody awaits."""
+    try:
+        await job
+    except Exception:
+        logger.exception("%s failed", what)
+
+
 async def validate_and_enqueue(
     *,
     producer: Producer,
@@ -72,42 +81,16 @@ async def validate_and_enqueue(
 ) -> None:
     """Parse the input file whole; enqueue the batch, or mark it failed with its errors.
 
-    Runs as a task nobody awaits: errors are logged here. A batch left 'validating' by
-    one (Redis gone midway) is failed by ``expire_stale_validation`` later.
+    Runs as a task nobody awaits (wrap it in ``logged``). A batch left 'validating' by
+    one that failed (Redis gone midway) is failed by ``expire_stale_validation`` later.
     """
-    try:
-        await _validate_and_enqueue(
-            producer=producer,
-            store=store,
-            settings=settings,
-            batch_id=batch_id,
-            file_id=file_id,
-            endpoint=endpoint,
-            created_at=created_at,
-        )
-    except Exception:
-        logger.exception("validating batch %s (input %s) failed", batch_id, file_id)
-
-
-async def _validate_and_enqueue(
-    *,
-    producer: Producer,
-    store: ApiStore,
-    settings: Settings,
-    batch_id: str,
-    file_id: str,
-    endpoint: str,
-    created_at: float,
-) -> None:
     ttl_s = settings.result_ttl_s
     data = await store.file_content(file_id)
     if data is None:
         problem = LineError(
             0, None, f"input file {file_id} was deleted or expired before it was validated"
         )
-        await store.fail_validating(
-            batch_id, reason=str(problem), errors=batch_errors([problem], 1), ttl_s=ttl_s
-        )
+        await _fail(store, batch_id, problem, ttl_s=ttl_s)
         return
     try:
         # Parsing 50,000 lines takes a while: off the event loop, other requests go on.
@@ -140,9 +123,7 @@ async def _validate_and_enqueue(
             f"'{parsed.endpoint}' differs from the batch's endpoint '{endpoint}' (every "
             "line's url must equal the endpoint the batch is created with)",
         )
-        await store.fail_validating(
-            batch_id, reason=str(problem), errors=batch_errors([problem], 1), ttl_s=ttl_s
-        )
+        await _fail(store, batch_id, problem, ttl_s=ttl_s)
         return
     try:
         await producer.submit(parsed, batch_id=batch_id, priority=Priority.BULK)
@@ -150,12 +131,7 @@ async def _validate_and_enqueue(
         # as its Batch object says (else a small batch created later may list earlier).
         await store.redis.zadd(keys.BATCHES, {batch_id: created_at}, xx=True)
     except QueueFull as exc:  # the queue filled up between the create and now
-        await store.fail_validating(
-            batch_id,
-            reason=str(exc),
-            errors=batch_errors([LineError(0, None, str(exc))], 1),
-            ttl_s=ttl_s,
-        )
+        await _fail(store, batch_id, LineError(0, None, str(exc)), ttl_s=ttl_s)
     except BatchError as exc:
         # Cancelled (or expired by expire_stale_validation) while validating: the
         # producer found it no longer 'validating'. Finish a cancel that raced with
@@ -179,7 +155,12 @@ async def expire_stale_validation(
         None,
         "validation did not finish (the API process doing it stopped); create the batch again",
     )
-    await store.fail_validating(
-        stored.id, reason=str(problem), errors=batch_errors([problem], 1), ttl_s=ttl_s
-    )
+    await _fail(store, stored.id, problem, ttl_s=ttl_s)
     return await store.batch(stored.id)
+
+
+async def _fail(store: ApiStore, batch_id: str, problem: LineError, *, ttl_s: int) -> None:
+    """Fail a validating batch for one ``problem``."""
+    await store.fail_validating(
+        batch_id, reason=str(problem), errors=batch_errors([problem], 1), ttl_s=ttl_s
+    )

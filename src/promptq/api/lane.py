@@ -63,16 +63,6 @@ class ChatLane:
         #: workers on other machines share (measured on the first request)
         self._clock_offset_s: float | None = None
 
-    @property
-    def queued(self) -> int:
-        """Requests waiting to be pushed to Redis."""
-        return len(self._queued)
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for their answer."""
-        return len(self._waiting)
-
     def validate(self, body: dict[str, Any]) -> QueuedRequest:
         """The request as it will be queued; raises ``InputError`` if the body is invalid."""
         item = {"custom_id": "chat", "method": "POST", "url": CHAT_ENDPOINT, "body": body}

@@ -186,13 +186,8 @@ class Dispatcher:
 
     @property
     def idle(self) -> bool:
-        return (
-            not self._tasks
-            and not self._chat_tasks
-            and not self._buffer
-            and not self._chat_replies
-            and self._flushed.is_set()
-        )
+        # _flushed is set only while nothing waits to be written
+        return not self._tasks and not self._chat_tasks and self._flushed.is_set()
 
     def chat_waiting(self) -> None:
         """A wake-up said chat requests are waiting."""
@@ -616,11 +611,7 @@ class Dispatcher:
     def _quiet(self) -> bool:
         """No claim and no result write on the wire: every request this worker holds
         in a batch's ``:inflight`` hash is then in ``_tasks`` (or already recorded)."""
-        return (
-            self.claimed == len(self._tasks) + len(self._chat_tasks)
-            and self._flushed.is_set()
-            and not self._chat_replies
-        )
+        return self.claimed == len(self._tasks) + len(self._chat_tasks) and self._flushed.is_set()
 
     async def _recheck_chat(self) -> bool:
         """The chat part of ``_recheck_batches``: chat requests marked as this worker's
