@@ -29,9 +29,9 @@ from promptq import Producer
 from promptq.api.lane import ChatLane
 from promptq.mock import MockConfig, MockServer
 from promptq.shared import keys
-from promptq.shared.connection import connect
+from promptq.shared.connection import RedisHealth, connect
 from promptq.shared.settings import Settings
-from promptq.worker import PromptqWorker, create_worker
+from promptq.worker import LocalWorker
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,26 +147,20 @@ async def open_lane(producer: Producer) -> AsyncIterator[ChatLane]:
 
 
 @contextlib.asynccontextmanager
-async def in_process_worker(settings: Settings) -> AsyncIterator[PromptqWorker]:
-    """A ``PromptqWorker`` running in this event loop (its scripts can be patched), from
-    started to closed (as on SIGTERM: in-flight requests get ``shutdown_grace_s``)."""
-    worker = create_worker(
-        settings, redis=await connect(settings.redis_url_or_default), handle_signals=False
-    )
-    task = asyncio.create_task(worker.async_run())
-
-    async def ready() -> bool:
-        if task.done():
-            task.result()  # it failed to start: say why
-        return worker.ready.is_set()
-
+async def in_process_worker(settings: Settings) -> AsyncIterator[LocalWorker]:
+    """A worker running in this event loop (its stores can be patched), from started to
+    stopped (as on SIGTERM: in-flight requests get ``shutdown_grace_s``)."""
+    health = RedisHealth()
+    redis = await connect(settings.redis_url_or_default, health=health)
+    worker = LocalWorker(redis, settings, health=health)
     try:
-        await wait_until(ready, what="the worker to start")
+        await worker.start()
         yield worker
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await worker.close()
+        try:
+            await worker.stop()
+        finally:
+            await redis.aclose()
 
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -17,9 +17,8 @@ from promptq.api.lane import LaneClosed
 from promptq.embedded import local_cluster
 from promptq.mock import MockServer, expected_content
 from promptq.shared import keys
-from promptq.shared.chatqueue import ChatEntry, new_chat_id
+from promptq.shared.chatqueue import ChatEntry, ChatQueue, new_chat_id
 from promptq.shared.errors import QueueFull
-from promptq.shared.scripts import Scripts
 from promptq.shared.settings import Settings
 
 from .conftest import chat_body, chat_keys, in_process_worker, open_lane, wait_until
@@ -102,9 +101,7 @@ async def test_a_dead_workers_chat_requests_are_handed_back_and_answered(
 
         await wait_until(queued, what="the request in the chat queue")
         # a worker takes it and dies before answering (no heartbeat key, an old beat)
-        taken = await Scripts(redis).chat_claim(
-            keys=[keys.CHAT_QUEUE, keys.worker_chat("dead-worker")], args=[10]
-        )
+        taken = await ChatQueue(redis).take_more("dead-worker", 10)
         assert len(taken) == 1
         await redis.zadd(keys.WORKERS, {"dead-worker": 1.0})
         async with local_cluster(settings, workers=1):
@@ -122,11 +119,10 @@ async def test_a_draining_worker_hands_unfinished_chat_requests_back(
         async with in_process_worker(draining) as worker:
             slow = lane.validate(chat_body("slow [[mock latency_ms=1500]]"))
             waiting = asyncio.create_task(lane.send(slow, timeout_s=30))
-            assert worker.dispatcher is not None
-            held = keys.worker_chat(worker.dispatcher.worker_id)
+            held = keys.worker_chat(worker.worker_id)
 
             async def taken() -> bool:
-                return int(await redis.hlen(held)) == 1
+                return int(await redis.llen(held)) == 1
 
             await wait_until(taken, what="the worker to take the request")
         # closed with a 0.1 s grace: the 1.5 s request was handed back
@@ -203,19 +199,17 @@ async def test_a_dead_worker_with_an_empty_id_does_not_take_our_requests(
         open_lane(Producer(redis, settings=settings)) as lane,
         in_process_worker(settings) as worker,
     ):
-        dispatcher = worker.dispatcher
-        assert dispatcher is not None
         slow = asyncio.create_task(
             lane.send(lane.validate(chat_body("slow [[mock latency_ms=800]]")), timeout_s=20)
         )
-        held = keys.worker_chat(dispatcher.worker_id)
+        held = keys.worker_chat(worker.worker_id)
 
         async def taken() -> bool:
-            return int(await redis.hlen(held)) == 1
+            return int(await redis.llen(held)) == 1
 
         await wait_until(taken, what="the worker to take the request")
         await redis.zadd(keys.WORKERS, {"": 1.0})  # a stale entry with an empty id
-        assert await dispatcher.reap_dead_workers() == 0
+        assert await worker.engine.recovery.reap_dead() == 0
         line, _chat_id = await slow
     assert line["error"] is None
     assert mock.stats.requests == 1  # not handed back and sent a second time

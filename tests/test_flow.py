@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import orjson
 import pytest
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
 
 from promptq import BatchError, Producer, Status
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer
-from promptq.shared import keys
 from promptq.shared.errors import QueueFull
 from promptq.shared.settings import Settings
 
@@ -18,17 +15,14 @@ from .conftest import worker_env
 from .test_cli import cli
 
 
-async def test_urgent_tickets_are_served_before_queued_bulk_ones(
+async def test_urgent_batches_are_served_before_queued_bulk_ones(
     redis: ArqRedis, settings: Settings
 ) -> None:
     producer = Producer(redis, settings=settings)
     bulk = await producer.submit([f"b{i}" for i in range(5)])
     urgent = await producer.submit(["u"], priority="urgent")
-    order = []
-    for job_id, _score in await redis.zrange(keys.QUEUE, 0, -1, withscores=True):
-        job = orjson.loads(await redis.get(job_key_prefix + job_id.decode()))
-        order.append(job["a"][0])
-    assert order == [urgent.id, bulk.id]  # arq serves the lowest score first
+    # workers claim from the lowest score of the runnable index first
+    assert await producer.store.runnable(10) == [urgent.id, bulk.id]
 
 
 async def test_urgent_batch_overtakes_a_busy_bulk_batch(
@@ -119,9 +113,9 @@ async def test_retry_failed_reruns_only_the_failures_as_a_linked_batch(
         first = await producer.submit(items)
         stats = await first.wait(timeout_s=30)
         assert (stats.succeeded, stats.failed) == (5, 3)
-        clean = await producer.submit(["fine"])
+        clean = await producer.submit(["fine [[mock latency_ms=1500]]"])
         with pytest.raises(BatchError, match=r"is (queued|in_progress)"):
-            await producer.retry_failed(clean.id)  # not finished yet
+            await producer.retry_failed(clean.id)  # not finished yet: 1.5 s to go
         await clean.wait(timeout_s=20)
         with pytest.raises(BatchError, match="no failed requests"):
             await producer.retry_failed(clean.id)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import promptq.embedded
 import promptq.shared.connection
@@ -13,12 +15,9 @@ from promptq import BatchExists, InputError, Producer, Status
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer, expected_content
 from promptq.shared import keys
-from promptq.shared.lifecycle import stop_batch
-from promptq.shared.scripts import Scripts
+from promptq.shared.batches import BatchStore
 from promptq.shared.settings import Settings
-from promptq.worker.dispatcher import Dispatcher
-from promptq.worker.fetch import Fetcher
-from promptq.worker.retry import RetryPolicy
+from promptq.worker import Engine
 
 from .conftest import wait_until
 
@@ -117,16 +116,16 @@ async def test_a_taken_batch_id_is_refused(redis: ArqRedis, settings: Settings) 
 async def test_a_producer_dying_midway_leaves_nothing_runnable(
     redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def crash(self: Producer, total: int) -> int:
+    async def crash(self: BatchStore, batch_id: str, total: int) -> None:
         raise ConnectionError("producer died")
 
     producer = Producer(redis, settings=settings)
     with monkeypatch.context() as patch:
-        patch.setattr(Producer, "_ticket_count", crash)
+        patch.setattr(BatchStore, "queue", crash)
         with pytest.raises(ConnectionError):
             await producer.submit([f"p{i}" for i in range(10)], batch_id="half")
     assert await redis.hget(keys.batch("half"), "status") == b"validating"
-    assert await redis.zcard(keys.QUEUE) == 0
+    assert await redis.zcard(keys.RUNNABLE) == 0
     assert await redis.zcard(keys.BATCHES) == 0
     # submitting again under the same id starts over and runs to completion
     async with local_cluster(settings, workers=1) as cluster:
@@ -162,7 +161,10 @@ async def test_embedded_mode_needs_no_redis_server(
 
 
 async def test_aggregator_enqueue_survives_a_redis_blip(
-    redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    redis: ArqRedis,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     original = ArqRedis.enqueue_job
     failures = []
@@ -170,14 +172,18 @@ async def test_aggregator_enqueue_survives_a_redis_blip(
     async def flaky(self: ArqRedis, function: str, *args: object, **kwargs: object) -> object:
         if function == "aggregate" and not failures:
             failures.append(function)
-            raise ConnectionError("Redis restarting")
+            raise RedisConnectionError("Connection refused: Redis restarting")
         return await original(self, function, *args, **kwargs)
 
     monkeypatch.setattr(ArqRedis, "enqueue_job", flaky)
-    async with local_cluster(settings, workers=1) as producer:
-        stats = await (await producer.submit(["a", "b"])).wait(timeout_s=20)
+    with caplog.at_level(logging.INFO):
+        async with local_cluster(settings, workers=1) as producer:
+            stats = await (await producer.submit(["a", "b"])).wait(timeout_s=20)
     assert failures == ["aggregate"]
     assert stats.succeeded == 2
+    # the outage branch: one warning when it starts, one line when Redis answers again
+    assert "Redis unreachable while enqueueing the aggregator" in caplog.text
+    assert "Redis answers again" in caplog.text
 
 
 async def test_cancel_stops_dispatch_keeps_results_and_accounts_for_every_request(
@@ -243,33 +249,18 @@ async def test_requests_of_a_dead_worker_in_a_stopped_batch_still_end(
     must finish."""
     producer = Producer(redis, settings=settings)
     batch = await producer.submit([f"s{i}" for i in range(5)])
-    dispatcher = Dispatcher(
-        redis=redis,
-        fetcher=Fetcher(
-            base_url=settings.upstream_url,
-            api_key=None,
-            concurrency=2,
-            timeout_s=1,
-            policy=RetryPolicy(),
-        ),
-        concurrency=2,
-        heartbeat_s=0.5,
-    )
-    scripts = Scripts(redis)
+    store = BatchStore(redis)
     # "dead-1" claimed two requests, then died (its heartbeat key is gone)
-    await scripts.claim(
-        keys=[keys.batch(batch.id), keys.pending(batch.id), keys.inflight(batch.id),
-              keys.requests(batch.id)],
-        args=[2, "dead-1"],
-    )  # fmt: skip
-    await redis.zadd(keys.WORKERS, {"dead-1": time.time() - 60})
-    await redis.sadd(keys.worker_batches("dead-1"), batch.id)
-    status, _ = await stop_batch(
-        redis, scripts, batch.id, code="insufficient_quota", message="quota gone",
+    assert len((await store.claim(batch.id, 2, "dead-1")).requests) == 2
+    seconds, _ = await redis.time()
+    await redis.zadd(keys.WORKERS, {"dead-1": seconds - 60})
+    status, _ = await store.stop(
+        batch.id, code="insufficient_quota", message="quota gone",
         final_status="failed", reason="stopped: quota",
     )  # fmt: skip
     assert status == "in_progress"  # the two in flight keep it open
-    assert await dispatcher.reap_dead_workers() == 2
+    engine = Engine(redis, settings)  # a live worker, not started: only its recovery runs
+    assert await engine.recovery.reap_dead() == 2
     raw = await redis.hgetall(keys.batch(batch.id))
     assert raw[b"status"] == b"finalizing"
     results = {r.custom_id: r async for r in batch.results()}

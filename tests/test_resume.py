@@ -117,7 +117,7 @@ async def test_run_resumes_a_batch_whose_workers_and_tickets_are_all_gone(
 
         await wait_until(some_in_flight, what="requests in flight")
         worker_procs.kill(0)  # the machine went down: producer and worker
-        await redis.delete(keys.QUEUE)  # and with them every claim ticket
+        await redis.delete(keys.RUNNABLE)  # and, as if Redis lost it, the runnable index
         assert (await batch.info()).status is Status.IN_PROGRESS
     code, err, lines = await promptq_run(settings, tmp_path, input_path, "nightly-2", workers=1)
     assert code == 0, err
@@ -126,15 +126,15 @@ async def test_run_resumes_a_batch_whose_workers_and_tickets_are_all_gone(
     assert slow_mock.stats.requests <= N + settings.concurrency
 
 
-async def test_resume_gives_a_batch_without_tickets_one(
+async def test_resume_lists_a_batch_the_runnable_index_lost(
     redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs, tmp_path: Path
 ) -> None:
     parsed = parse_file(write_input(tmp_path / "in.jsonl"), settings=settings)
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         await producer.submit(parsed, batch_id="nightly-5")
-        await redis.delete(keys.QUEUE)  # its tickets are lost; no worker holds anything
+        await redis.delete(keys.RUNNABLE)  # the index lost it; no worker holds anything
         batch = await producer.submit(parsed, batch_id="nightly-5", resume=True)
-        assert int(await redis.zcard(keys.QUEUE)) == 1  # one new ticket
+        assert await redis.zscore(keys.RUNNABLE, batch.id) is not None  # listed again
         # nothing enqueued twice
         assert int(await redis.llen(keys.pending(batch.id))) == N  # type: ignore[misc]
         worker_procs.start(1)

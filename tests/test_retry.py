@@ -8,7 +8,8 @@ from random import Random
 import pytest
 
 from promptq.mock import MockConfig, MockServer
-from promptq.worker.fetch import Fetcher
+from promptq.worker.backends.http import HttpBackend
+from promptq.worker.execute import Executor
 from promptq.worker.retry import RetryPolicy, classify, parse_retry_after
 
 
@@ -100,12 +101,15 @@ class RecordingSleep:
         self.delays.append(delay)
 
 
-def fetcher(url: str, sleep: RecordingSleep, **kw: float) -> Fetcher:
-    return Fetcher(
+def fetcher(url: str, sleep: RecordingSleep, **kw: float) -> Executor:
+    backend = HttpBackend(
         base_url=url,
         api_key=None,
         concurrency=int(kw.pop("concurrency", 8)),
         timeout_s=kw.pop("timeout_s", 5.0),
+    )
+    return Executor(
+        backend,
         policy=RetryPolicy(max_attempts=int(kw.pop("max_attempts", 4))),
         sleep=sleep,
         rng=Random(0),
@@ -119,7 +123,7 @@ def chat(text: str) -> dict[str, object]:
 async def test_fetch_recovers_from_500s_and_counts_attempts(mock: MockServer) -> None:
     sleep = RecordingSleep()
     async with fetcher(mock.url, sleep) as f:
-        outcome = await f.fetch("/v1/chat/completions", chat("a [[mock status=500 fail=2]]"))
+        outcome = await f.execute("/v1/chat/completions", chat("a [[mock status=500 fail=2]]"))
     assert outcome.ok
     assert outcome.attempts == 3
     assert outcome.status_code == 200
@@ -130,7 +134,7 @@ async def test_fetch_recovers_from_500s_and_counts_attempts(mock: MockServer) ->
 async def test_fetch_honours_retry_after(mock: MockServer) -> None:
     sleep = RecordingSleep()
     async with fetcher(mock.url, sleep) as f:
-        outcome = await f.fetch(
+        outcome = await f.execute(
             "/v1/chat/completions", chat("b [[mock status=429 fail=1 retry_after=1.5]]")
         )
     assert outcome.ok
@@ -141,8 +145,8 @@ async def test_fetch_honours_retry_after(mock: MockServer) -> None:
 async def test_fatal_errors_are_not_retried(mock: MockServer) -> None:
     sleep = RecordingSleep()
     async with fetcher(mock.url, sleep) as f:
-        bad = await f.fetch("/v1/chat/completions", chat("c [[mock status=400]]"))
-        quota = await f.fetch("/v1/chat/completions", chat("d [[mock quota=1]]"))
+        bad = await f.execute("/v1/chat/completions", chat("c [[mock status=400]]"))
+        quota = await f.execute("/v1/chat/completions", chat("d [[mock quota=1]]"))
     assert (bad.attempts, bad.status_code) == (1, 400)
     assert bad.error is not None
     assert quota.error is not None
@@ -153,7 +157,7 @@ async def test_fatal_errors_are_not_retried(mock: MockServer) -> None:
 async def test_attempts_are_capped_and_last_error_reported(mock: MockServer) -> None:
     sleep = RecordingSleep()
     async with fetcher(mock.url, sleep, max_attempts=3) as f:
-        outcome = await f.fetch("/v1/chat/completions", chat("e [[mock status=503]]"))
+        outcome = await f.execute("/v1/chat/completions", chat("e [[mock status=503]]"))
     assert outcome.error is not None
     assert (outcome.attempts, outcome.status_code, outcome.error.code) == (3, 503, "server_error")
 
@@ -162,9 +166,9 @@ async def test_hang_drop_and_malformed_are_classified(mock: MockServer) -> None:
     sleep = RecordingSleep()
     async with fetcher(mock.url, sleep, max_attempts=1, timeout_s=0.3) as f:
         hang, drop, bad = await asyncio.gather(
-            f.fetch("/v1/chat/completions", chat("f [[mock hang=1]]")),
-            f.fetch("/v1/chat/completions", chat("g [[mock drop=1]]")),
-            f.fetch("/v1/chat/completions", chat("h [[mock malformed=1]]")),
+            f.execute("/v1/chat/completions", chat("f [[mock hang=1]]")),
+            f.execute("/v1/chat/completions", chat("g [[mock drop=1]]")),
+            f.execute("/v1/chat/completions", chat("h [[mock malformed=1]]")),
         )
     assert hang.error is not None
     assert drop.error is not None
@@ -178,7 +182,7 @@ async def test_semaphore_bounds_in_flight_requests() -> None:
     async with MockServer(MockConfig(latency_ms=50)) as server:
         async with fetcher(server.url, RecordingSleep(), concurrency=5) as f:
             outcomes = await asyncio.gather(
-                *(f.fetch("/v1/chat/completions", chat(f"q{i}")) for i in range(40))
+                *(f.execute("/v1/chat/completions", chat(f"q{i}")) for i in range(40))
             )
         assert all(o.ok for o in outcomes)
         assert server.stats.max_in_flight == 5

@@ -17,7 +17,9 @@ from promptq.shared.connection import connect
 from promptq.shared.errors import UnsafePayload
 from promptq.shared.serialization import job_deserializer
 from promptq.shared.settings import Settings, redact_url
-from promptq.worker import create_worker
+from promptq.worker.worker import JobRunner
+
+from .conftest import wait_until
 
 
 class Exploit:
@@ -51,14 +53,19 @@ async def test_planted_pickle_job_is_logged_and_never_executed(
     payload = pickle.dumps({"t": 1, "f": "claim", "a": [Exploit(marker)], "k": {}, "et": 0})
     await redis.set(job_key_prefix + "evil", payload)
     await redis.zadd(keys.QUEUE, {"evil": 1})  # arq skips score 0
-    worker = create_worker(
-        settings, redis=await connect(redis_url), burst=True, handle_signals=False
-    )
+    client = await connect(redis_url)
+    runner = JobRunner(client, ctx={}, poll_delay_s=0.05)
+
+    async def queue_empty() -> bool:
+        return int(await redis.zcard(keys.QUEUE)) == 0
+
     with caplog.at_level(logging.ERROR):
+        runner.start()
         try:
-            await worker.async_run()
+            await wait_until(queue_empty, what="arq to take the planted job")
         finally:
-            await worker.close()
+            await runner.stop()
+            await client.aclose()
     assert not marker.exists()
     assert "refused a queued job payload that is not JSON" in caplog.text
     assert await redis.zcard(keys.QUEUE) == 0  # dropped, not retried forever

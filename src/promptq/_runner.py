@@ -19,12 +19,11 @@ from promptq import _display as display
 from promptq._outputs import ResultFiles
 from promptq.embedded import local_cluster
 from promptq.producer import Batch, Producer, parse_file
-from promptq.shared import keys
 from promptq.shared.connection import connect
 from promptq.shared.errors import BatchNotFound
-from promptq.shared.models import Status
-from promptq.shared.scripts import decode
+from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings, redact_url
+from promptq.shared.status import Status
 
 logger = logging.getLogger(__name__)
 
@@ -143,14 +142,12 @@ async def worker_processes(settings: Settings, count: int) -> AsyncIterator[None
 
 
 async def _wait_for_workers(producer: Producer, settings: Settings, count: int) -> None:
-    """Wait until ``count`` more workers beat (so the batch's tickets go to all of them)."""
+    """Wait until ``count`` workers beat (so the batch is shared by all of them at once)."""
+    registry = WorkerRegistry(producer.redis, heartbeat_s=settings.heartbeat_s)
     deadline = time.monotonic() + 30
     with display.err_console.status(f"starting {count} worker process(es)..."):
         while time.monotonic() < deadline:
-            live = await producer.redis.zcount(
-                keys.WORKERS, time.time() - 3 * settings.heartbeat_s, "+inf"
-            )
-            if int(live) >= count:
+            if await registry.count_live() >= count:
                 return
             await asyncio.sleep(0.05)
     logger.warning("workers did not report within 30 s; enqueueing anyway")
@@ -244,14 +241,6 @@ async def watch_batch(settings: Settings, batch_id: str) -> None:
 async def list_workers(settings: Settings) -> list[dict[str, Any]]:
     redis = await connect(settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s)
     try:
-        since = time.time() - 3 * settings.heartbeat_s
-        await redis.zremrangebyscore(keys.WORKERS, "-inf", since - 3600)  # long gone
-        found = []
-        for raw_id in await redis.zrangebyscore(keys.WORKERS, since, "+inf"):
-            worker_id = decode(raw_id)
-            beat: dict[bytes, bytes] = await redis.hgetall(keys.worker(worker_id))  # type: ignore[misc]
-            if beat:
-                found.append({"id": worker_id, **{decode(k): decode(v) for k, v in beat.items()}})
-        return found
+        return await WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s).live()
     finally:
         await redis.aclose()

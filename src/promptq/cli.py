@@ -273,30 +273,54 @@ def submit(
 
 
 @main.command()
-@click.option("--concurrency", type=int, help="Max in-flight upstream requests (default 64).")
-@click.option("--burst", is_flag=True, help="Exit once the queue is empty and work is done.")
+@click.option("--concurrency", type=int, help="Max in-flight requests (PROMPTQ_CONCURRENCY, 64).")
+@click.option("--burst", is_flag=True, help="Exit once the queues are empty and work is done.")
 @click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
+@click.option(
+    "--backend",
+    metavar="SPEC",
+    help="What to do with a request (PROMPTQ_BACKEND): 'openai' (default: HTTP to the "
+    "upstream) or 'python:MODULE:FUNCTION' (call FUNCTION(endpoint, body) -> dict).",
+)
+@click.option(
+    "--backend-threads",
+    type=int,
+    help="python: backend, plain def: run it in a pool of N threads (default 1).",
+)
+@click.option(
+    "--backend-processes",
+    type=int,
+    help="python: backend, plain def: run it in a pool of N processes instead "
+    "(CPU-bound code that holds the GIL).",
+)
 @click.pass_context
 def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
-    """Run one worker process (arq) until SIGINT/SIGTERM.
+    """Run one worker process until SIGINT/SIGTERM.
 
-    On shutdown it stops taking work, lets in-flight requests finish for up to 10 s,
-    and hands the rest back to the queue. Start as many as you like, on any machine.
+    On shutdown it stops taking work, lets in-flight requests finish for up to
+    PROMPTQ_SHUTDOWN_GRACE_S (10 s; a second signal cuts it short), and hands the rest
+    back to the queue. Start as many as you like, on any machine.
     """
-    from promptq.worker import create_worker
+    from promptq.shared.errors import ConfigError
+    from promptq.worker import backends, run_worker
 
     settings = _settings(ctx, **overrides)
+    try:
+        backends.load(settings)  # a backend that cannot load is a usage error, now
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - optional speed-up
         pass
-    asyncio.set_event_loop(asyncio.new_event_loop())
     try:
-        create_worker(settings, burst=burst).run()
+        asyncio.run(run_worker(settings, burst=burst))
     except RedisUnavailable as exc:
         _fail(str(exc), 1)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
 
 
 @main.command()

@@ -7,7 +7,6 @@ URL. ``promptq demo`` and ``promptq run`` without ``PROMPTQ_REDIS_URL`` use it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -15,9 +14,9 @@ from collections.abc import AsyncIterator
 from arq.connections import ArqRedis
 
 from promptq.producer import Producer
-from promptq.shared.connection import EmbeddedRedis, connect
+from promptq.shared.connection import EmbeddedRedis, RedisHealth, connect
 from promptq.shared.settings import Settings
-from promptq.worker import PromptqWorker, create_worker
+from promptq.worker import LocalWorker
 
 logger = logging.getLogger(__name__)
 
@@ -25,31 +24,35 @@ logger = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def local_cluster(settings: Settings, *, workers: int = 1) -> AsyncIterator[Producer]:
     """A producer plus ``workers`` in-process workers; embedded Redis unless
-    ``settings.redis_url`` is set. Everything is closed on exit."""
+    ``settings.redis_url`` is set. Everything is closed on exit (in-flight requests get
+    ``shutdown_grace_s``, as a worker process's do)."""
     embedded = EmbeddedRedis() if settings.redis_url is None else None
 
-    async def client() -> ArqRedis:
+    async def client(health: RedisHealth | None = None) -> ArqRedis:
         if embedded is not None:
             return embedded.client()
-        return await connect(settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s)
+        return await connect(
+            settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s, health=health
+        )
 
-    running: list[tuple[PromptqWorker, asyncio.Task[None]]] = []
+    running: list[LocalWorker] = []
     producer_redis = await client()
     try:
         for _ in range(workers):
-            worker = create_worker(settings, redis=await client(), handle_signals=False)
-            running.append((worker, asyncio.create_task(worker.async_run())))
-        # wait until every worker announced itself, so tickets are spread over all
-        for worker, task in running:
-            ready = asyncio.create_task(worker.ready.wait())
-            await asyncio.wait({ready, task}, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            if task.done():
-                task.result()  # raise the worker's startup error
+            health = RedisHealth()
+            redis = await client(health)
+            try:
+                worker = LocalWorker(redis, settings, health=health)
+                await worker.start()
+            except BaseException:
+                await redis.aclose()
+                raise
+            running.append(worker)
         yield Producer(producer_redis, settings=settings)
     finally:
-        for worker, task in running:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await worker.close()
+        for worker in running:
+            try:
+                await worker.stop()
+            finally:
+                await worker.redis.aclose()
         await producer_redis.aclose()

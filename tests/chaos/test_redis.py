@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 from arq.connections import ArqRedis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from promptq import Producer, Status
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer
-from promptq.shared.connection import connect, redis_health
+from promptq.shared.connection import connect
 from promptq.shared.settings import Settings
 
 from ..conftest import (
@@ -257,21 +258,25 @@ def test_worker_exits_with_a_clear_message_when_redis_is_unreachable() -> None:
 async def test_requests_claimed_by_a_lost_reply_are_handed_back(
     redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Redis ran a claim but the reply never came back; redis-py sent it again. The
-    requests of the first claim are marked as the worker's, yet it never got them."""
+    """Redis ran a claim but the reply never came back, and redis-py gave up: the
+    requests are marked as the worker's, yet it never got them. (A reply lost once is
+    covered by the claim's token: redis-py's retry returns the same requests,
+    ``test_store``.)"""
     async with in_process_worker(settings) as worker:
-        dispatcher = worker.dispatcher
-        assert dispatcher is not None
-        real_claim = dispatcher.scripts.claim
-        lost: list[bytes] = []
+        store = worker.engine.store
+        real_claim = store.claim
+        lost: list[str] = []
 
-        async def claim_with_a_lost_reply(**kwargs: Any) -> Any:
-            if not lost:
-                lost.extend((await real_claim(**kwargs))[1:])  # ran, reply lost
-                redis_health.disruptions += 1  # what redis-py's retry reports
-            return await real_claim(**kwargs)
+        async def claim_with_a_lost_reply(
+            batch_id: str, n: int, worker_id: str, **kwargs: Any
+        ) -> Any:
+            claim = await real_claim(batch_id, n, worker_id, **kwargs)
+            if claim.requests and not lost:
+                lost.extend(r.custom_id for r in claim.requests)  # ran, reply lost
+                raise RedisConnectionError("Connection reset by peer")
+            return claim
 
-        monkeypatch.setattr(dispatcher.scripts, "claim", claim_with_a_lost_reply)
+        monkeypatch.setattr(store, "claim", claim_with_a_lost_reply)
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
             batch = await p.submit([f"l{i}" for i in range(40)])
             await batch.wait(timeout_s=20)
@@ -281,29 +286,28 @@ async def test_requests_claimed_by_a_lost_reply_are_handed_back(
     assert info.status is Status.COMPLETED
     assert (info.succeeded, info.failed) == (40, 0)
     assert len({r.custom_id for r in results}) == len(results) == 40
+    assert {r.custom_id for r in results} >= set(lost)
 
 
-async def test_chat_requests_claimed_by_a_lost_reply_are_handed_back(
+async def test_chat_requests_taken_by_a_lost_reply_are_handed_back(
     redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The chat lane's version: the claim moved requests into the worker's hash, the
-    reply was lost, the worker never started them; the recheck after the disruption
-    puts them back in the chat queue and they are answered."""
+    """The chat lane's version: the take moved requests into the worker's list, the reply
+    was lost, the worker never started them; the recheck after the disruption puts them
+    back in the chat queue and they are answered."""
     async with in_process_worker(settings) as worker:
-        dispatcher = worker.dispatcher
-        assert dispatcher is not None
-        real_claim = dispatcher.scripts.chat_claim
+        queue = worker.engine.chat.queue
+        real_take = queue.take
         lost: list[bytes] = []
 
-        async def claim_with_a_lost_reply(**kwargs: Any) -> Any:
-            entries = await real_claim(**kwargs)
-            if entries and not lost:
-                lost.extend(entries)  # ran, reply lost
-                redis_health.disruptions += 1  # what redis-py's retry reports
-                return []
-            return entries
+        async def take_with_a_lost_reply(worker_id: str, *, block_s: float) -> Any:
+            entry = await real_take(worker_id, block_s=block_s)
+            if entry is not None and not lost:
+                lost.append(entry)  # ran, reply lost
+                raise RedisConnectionError("Connection reset by peer")
+            return entry
 
-        monkeypatch.setattr(dispatcher.scripts, "chat_claim", claim_with_a_lost_reply)
+        monkeypatch.setattr(queue, "take", take_with_a_lost_reply)
         async with (
             Producer.from_url(settings.redis_url_or_default, settings=settings) as p,
             open_lane(p) as lane,
@@ -313,6 +317,38 @@ async def test_chat_requests_claimed_by_a_lost_reply_are_handed_back(
                 *(lane.send(lane.validate(b), timeout_s=20) for b in bodies)
             )
     assert lost  # the scenario happened
+    assert all(line["error"] is None for line, _id in answers)
+    assert await chat_keys(redis) == []
+
+
+async def test_an_answer_moved_before_the_apis_connection_dropped_is_delivered(
+    redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The API's listener moved answers into its delivery list, then lost the reply: they
+    wait there and are handed to their handlers on the next round, not lost (the client
+    would otherwise wait for its 504)."""
+    async with (
+        in_process_worker(settings),
+        Producer.from_url(settings.redis_url_or_default, settings=settings) as p,
+        open_lane(p) as lane,
+    ):
+        queue = lane._queue
+        real_deliver = queue.deliver
+        dropped: list[bytes] = []
+
+        async def deliver_with_a_lost_reply(replica: str, *, max_count: int) -> Any:
+            lines = await real_deliver(replica, max_count=max_count)
+            if lines and not dropped:
+                dropped.extend(lines)  # moved, reply lost
+                raise RedisConnectionError("Connection reset by peer")
+            return lines
+
+        monkeypatch.setattr(queue, "deliver", deliver_with_a_lost_reply)
+        bodies = [chat_body(f"d{i}") for i in range(5)]
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(lane.send(lane.validate(b), timeout_s=20) for b in bodies)), 15
+        )
+    assert dropped  # the scenario happened
     assert all(line["error"] is None for line, _id in answers)
     assert await chat_keys(redis) == []
 

@@ -148,7 +148,8 @@ async def expire_stale_validation(
     """Fail a batch whose validation outlived its deadline (the replica validating it
     stopped); return it re-read, or None when nothing changed."""
     deadline = stored.api.get("validate_by")
-    if stored.raw.get("status") != "validating" or not deadline or time.time() < float(deadline):
+    validating = stored.raw.get("status") == Status.VALIDATING
+    if not validating or not deadline or time.time() < float(deadline):
         return None
     problem = LineError(
         0,

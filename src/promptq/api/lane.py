@@ -5,17 +5,20 @@ bulk work, most of the cost of one interactive request. So ``POST
 /v1/chat/completions`` goes through a lighter path (``shared.chatqueue``):
 
 1. the handler's request becomes one entry of the chat queue (``promptq:{chat}:queue``);
-   one submitter task pushes whatever arrived meanwhile in one round trip and
-   publishes a ``chat`` wake-up, so groups grow with load and nothing waits for a timer;
-2. a worker with a free slot takes it, before any batch work, and sends it with the
-   same retries and cluster-wide rate limits as bulk requests;
+   one submitter task pushes whatever arrived meanwhile in one round trip (once, even
+   when redis-py sends it again), so groups grow with load and nothing waits for a timer;
+2. a worker blocked on the queue with a free slot takes it (Redis wakes exactly one),
+   before any batch work, and sends it with the same retries and cluster-wide rate
+   limits as bulk requests;
 3. the worker pushes the result line to this replica's reply list
-   (``promptq:{chat}:replies:<replica id>``); one listener task (``BLMPOP``) hands
-   each line to its waiting handler.
+   (``promptq:{chat}:replies:<replica id>``); one listener task moves answers into
+   the replica's delivery list, hands each line to its waiting handler, then deletes
+   that list: an answer is never lost to a dropped connection.
 
 Nothing lives only in this process: if it dies, queued entries still run and their
 answers expire with the reply list. An entry carries its handler's deadline, so
-workers do not send requests whose handler already answered 504.
+workers do not send requests whose handler already answered 504. See
+``shared.chatqueue`` for every step.
 """
 
 from __future__ import annotations
@@ -29,16 +32,15 @@ import orjson
 
 from promptq.producer import Producer
 from promptq.producer.parsing import parse_items
-from promptq.shared import keys
-from promptq.shared.chatqueue import ChatEntry, new_chat_id
-from promptq.shared.connection import is_redis_outage, redis_clock_offset, redis_health
+from promptq.shared.chatqueue import ChatEntry, ChatQueue, new_chat_id
+from promptq.shared.connection import RedisHealth, is_redis_outage, redis_clock_offset
 from promptq.shared.models import CHAT_ENDPOINT, QueuedRequest
 
 logger = logging.getLogger(__name__)
 
 #: at most this many requests per push
 MAX_GROUP = 1000
-#: the listener's BLMPOP blocks this long, then asks again
+#: the listener blocks this long for an answer, then asks again
 LISTEN_BLOCK_S = 1.0
 
 
@@ -51,9 +53,11 @@ class ChatLane:
 
     def __init__(self, producer: Producer) -> None:
         self._producer = producer
+        self._queue = ChatQueue(producer.redis)
+        self._health = RedisHealth()
+        self._last_push = ""  # the token of this replica's last push
         #: this replica's id: workers push its answers to ``keys.chat_replies(id)``
         self.replica_id = new_chat_id()
-        self._reply_key = keys.chat_replies(self.replica_id)
         self._queued: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]] = []
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._arrived = asyncio.Event()
@@ -109,6 +113,11 @@ class ChatLane:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LaneClosed("the server is shutting down"))
+        if self._last_push:
+            try:
+                await self._queue.forget_push(self._last_push)
+            except Exception as exc:  # Redis gone: the marker expires on its own
+                logger.debug("could not drop the last push marker: %s", exc)
 
     async def _submit_loop(self) -> None:
         while True:
@@ -119,54 +128,67 @@ class ChatLane:
                 del self._queued[:MAX_GROUP]
                 if group:
                     await self._push(group)
+            if self._last_push and not self._queued:
+                # idle: the last push's marker is done with (a busy lane drops each
+                # marker with the next push instead)
+                token, self._last_push = self._last_push, ""
+                try:
+                    await self._queue.forget_push(token)
+                except Exception as exc:  # Redis trouble: the marker expires on its own
+                    logger.debug("could not drop a push marker: %s", exc)
 
     async def _push(self, group: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
             await self._producer.check_backpressure(len(group))
-            async with self._producer.redis.pipeline(transaction=False) as pipe:
-                pipe.rpush(keys.CHAT_QUEUE, *(entry.encode() for entry, _f in group))
-                pipe.publish(keys.WAKEUP_CHANNEL, keys.CHAT_WAKEUP)
-                await pipe.execute()
+            _n, self._last_push = await self._queue.push(
+                [entry for entry, _f in group], previous=self._last_push
+            )
         except Exception as exc:  # queue full, Redis trouble: each handler answers it
             for _entry, future in group:
                 if not future.done():
                     future.set_exception(exc)
 
     async def _listen_loop(self) -> None:
-        redis = self._producer.redis
         delay = 0.1
+        ready = True  # answers may be waiting (the delivery list is read first)
         while True:
             try:
-                reply = await redis.blmpop(  # type: ignore[misc]
-                    LISTEN_BLOCK_S,
-                    1,
-                    self._reply_key,  # type: ignore[arg-type]  # redis-py types *keys as lists
-                    direction="LEFT",
-                    count=MAX_GROUP,
-                )
+                if not ready:
+                    ready = await self._queue.wait_for_answers(
+                        self.replica_id, block_s=LISTEN_BLOCK_S
+                    )
+                    if not ready:
+                        continue
+                lines = await self._queue.deliver(self.replica_id, max_count=MAX_GROUP)
+                self._hand_out(lines)
+                if lines:
+                    await self._queue.delivered(self.replica_id)
+                ready = len(lines) > 1  # a full delivery: more may be waiting
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # answers wait in the list until Redis is back
+            except Exception as exc:  # answers wait in Redis until it is back
+                ready = True  # whatever was moved before the failure is read again
                 if is_redis_outage(exc):
-                    redis_health.failed(exc, doing="waiting for chat answers")
+                    self._health.failed(exc, doing="waiting for chat answers")
                 else:
                     logger.warning("chat answers: %s; retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
             if delay > 0.1:
-                redis_health.ok()
+                self._health.ok()
                 delay = 0.1
-            if not reply:
+
+    def _hand_out(self, lines: list[bytes]) -> None:
+        for raw in lines:
+            try:
+                line = orjson.loads(raw)
+                future = self._waiting.get(line["custom_id"])
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                logger.error("dropped an unreadable chat answer: %s", exc)
                 continue
-            for raw in reply[1]:
-                try:
-                    line = orjson.loads(raw)
-                    future = self._waiting.get(line["custom_id"])
-                except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
-                    logger.error("dropped an unreadable chat answer: %s", exc)
-                    continue
-                if future is not None and not future.done():
-                    future.set_result(line)
-                # else: its handler timed out, or the request ran twice (a worker was
-                # presumed dead while it still worked): the first answer won
+            if future is not None and not future.done():
+                future.set_result(line)
+            # else: its handler timed out, the line was handed out before a dropped
+            # connection, or the request ran twice (a worker presumed dead still
+            # worked): the first answer won

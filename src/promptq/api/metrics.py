@@ -11,7 +11,6 @@ request latency histogram the workers keep in ``promptq:metrics:latency_ms``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,13 +25,13 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from promptq.shared import keys
-from promptq.shared.models import Status
+from promptq.shared.registry import WorkerRegistry
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
+from promptq.shared.status import RUNNING, Status, parse
 
 #: the latest batches whose pending lists are counted (bounds the scrape's cost)
 SCANNED_BATCHES = 1000
-_RUNNING = ("queued", "in_progress", "cancelling")
 
 
 @dataclass
@@ -47,31 +46,30 @@ class Snapshot:
 
 async def read_snapshot(redis: ArqRedis, *, heartbeat_s: float) -> Snapshot:
     snap = Snapshot()
-    since = time.time() - 3 * heartbeat_s
+    worker_ids = await WorkerRegistry(redis, heartbeat_s=heartbeat_s).live_ids()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrangebyscore(keys.WORKERS, since, "+inf")
         pipe.zrevrange(keys.BATCHES, 0, SCANNED_BATCHES - 1)
         pipe.hgetall(keys.METRICS_LATENCY)
         pipe.llen(keys.CHAT_QUEUE)
-        worker_ids, batch_ids, latency, chat_queued = await pipe.execute()
+        batch_ids, latency, chat_queued = await pipe.execute()
     snap.queued = int(chat_queued)
     snap.latency = {decode(k): decode(v) for k, v in latency.items()}
     async with redis.pipeline(transaction=False) as pipe:
         for worker_id in worker_ids:
-            pipe.hgetall(keys.worker(decode(worker_id)))
+            pipe.hgetall(keys.worker(worker_id))
         for batch_id in batch_ids:
             pipe.hget(keys.batch(decode(batch_id)), "status")
         replies = await pipe.execute()
     for worker_id, beat in zip(worker_ids, replies, strict=False):
         if beat:  # the hash expires with the heartbeat
-            snap.workers[decode(worker_id)] = {decode(k): decode(v) for k, v in beat.items()}
+            snap.workers[worker_id] = {decode(k): decode(v) for k, v in beat.items()}
     running = []
     for batch_id, status in zip(batch_ids, replies[len(worker_ids) :], strict=True):
-        if status is None:
+        state = parse(status)
+        if state is None:
             continue
-        name = decode(status)
-        snap.batches[name] = snap.batches.get(name, 0) + 1
-        if name in _RUNNING:
+        snap.batches[state.value] = snap.batches.get(state.value, 0) + 1
+        if state in RUNNING:
             running.append(decode(batch_id))
     if running:
         async with redis.pipeline(transaction=False) as pipe:

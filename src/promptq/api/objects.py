@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from promptq.shared.models import CHAT_ENDPOINT
+from promptq.shared.status import Status, parse
 
 #: OpenAI's only completion window; promptq does not expire batches before it ends.
 COMPLETION_WINDOW = "24h"
@@ -25,16 +26,8 @@ COMPLETION_WINDOW_S = 24 * 3600
 OUTPUT_PREFIX = "file-out-"
 ERROR_PREFIX = "file-err-"
 
-_STATUS = {
-    "validating": "validating",
-    "queued": "in_progress",
-    "in_progress": "in_progress",
-    "finalizing": "finalizing",
-    "completed": "completed",
-    "failed": "failed",
-    "cancelling": "cancelling",
-    "cancelled": "cancelled",
-}
+#: promptq's statuses that OpenAI spells otherwise (every other one reads the same)
+_OPENAI_STATUS = {Status.QUEUED: Status.IN_PROGRESS}
 
 
 def output_file_id(batch_id: str) -> str:
@@ -63,10 +56,10 @@ def _int(raw: dict[str, str], field: str) -> int:
 
 
 def openai_status(raw: dict[str, str]) -> str:
-    status = raw.get("status", "validating")
-    if status == "finalizing" and raw.get("finalizing_from") == "cancelling":
-        return "cancelling"
-    return _STATUS.get(status, status)
+    status = parse(raw.get("status")) or Status.VALIDATING
+    if status is Status.FINALIZING and raw.get("finalizing_from") == Status.CANCELLING:
+        return Status.CANCELLING.value
+    return _OPENAI_STATUS.get(status, status).value
 
 
 def batch_object(
@@ -76,12 +69,13 @@ def batch_object(
     status = openai_status(raw)
     created_at = _ts(api, "created_at") or _ts(raw, "created_at") or 0
     succeeded, failed = _int(raw, "succeeded"), _int(raw, "failed")
+    stored = parse(raw.get("status"))
     in_progress_at = _ts(raw, "in_progress_at")
-    if in_progress_at is None and raw.get("status") not in ("validating", "failed"):
+    if in_progress_at is None and stored not in (Status.VALIDATING, Status.FAILED):
         in_progress_at = _ts(raw, "created_at")  # queued: validated, waiting for a worker
     ended = _ts(raw, "completed_at")
-    cancelled = raw.get("status") == "cancelled"
-    finished = raw.get("status") in ("completed", "cancelled")
+    cancelled = stored is Status.CANCELLED
+    finished = stored in (Status.COMPLETED, Status.CANCELLED)
     input_tokens, output_tokens = _int(stats, "input_tokens"), _int(stats, "output_tokens")
     errors = orjson.loads(raw["errors"]) if raw.get("errors") else None
     metadata = orjson.loads(api["metadata"]) if api.get("metadata") else None

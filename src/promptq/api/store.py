@@ -19,25 +19,9 @@ from arq.connections import ArqRedis
 
 from promptq.api.objects import COMPLETION_WINDOW_S
 from promptq.shared import keys
+from promptq.shared.batches import BatchStore
 from promptq.shared.scripts import decode
-
-# KEYS: batch, requests, pending, batches-zset. ARGV: batch_id, ttl_s, reason, errors JSON.
-# Ends a batch that is still 'validating' as 'failed' (OpenAI's answer to an invalid
-# input file): drops whatever requests were written, keeps the errors, lists the batch.
-# A batch that moved on meanwhile (cancelled, queued) is left alone; returns its status.
-FAIL_VALIDATING = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'validating' then return status or '' end
-local t = redis.call('TIME')
-local now = string.format('%.3f', tonumber(t[1]) + math.floor(tonumber(t[2]) / 1000) / 1000)
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1], 'status', 'failed', 'failed_at', now, 'total', 0,
-           'reason', ARGV[3], 'errors', ARGV[4])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'created_at') or now, ARGV[1])
-return 'failed'
-"""
-
+from promptq.shared.status import Status
 
 T = TypeVar("T")
 
@@ -82,7 +66,7 @@ class ApiStore:
 
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis
-        self._fail_validating = redis.register_script(FAIL_VALIDATING)
+        self.batch_store = BatchStore(redis)
 
     async def now(self) -> float:
         """Redis' clock (unix seconds): one clock for every replica and worker."""
@@ -190,7 +174,7 @@ class ApiStore:
         now = await self.now()
         created = f"{now:.3f}"
         raw = {
-            "status": "validating",
+            "status": Status.VALIDATING.value,
             "created_at": created,
             "endpoint": endpoint,
             "total": "0",
@@ -224,16 +208,9 @@ class ApiStore:
         """Mark a 'validating' batch failed with OpenAI-style ``errors``; return the status
         it has afterwards."""
         body = orjson.dumps({"object": "list", "data": errors}).decode()
-        status = await self._fail_validating(
-            keys=[
-                keys.batch(batch_id),
-                keys.requests(batch_id),
-                keys.pending(batch_id),
-                keys.BATCHES,
-            ],
-            args=[batch_id, ttl_s, reason, body],
+        return await self.batch_store.fail_validating(
+            batch_id, reason=reason, errors_json=body, ttl_s=ttl_s
         )
-        return decode(status)
 
     async def batches(self, batch_ids: list[str]) -> list[StoredBatch | None]:
         """The stored hashes of each batch, in one round trip (None: no such batch)."""

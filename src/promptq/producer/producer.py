@@ -21,12 +21,12 @@ from typing import Any
 
 import orjson
 from arq.connections import ArqRedis
-from arq.constants import job_key_prefix
-from arq.jobs import serialize_job
 
 from promptq.producer.parsing import ParsedBatch, parse_items, parse_jsonl
-from promptq.shared import keys, serialization
-from promptq.shared.connection import REDIS_DOWN, connect, redis_health
+from promptq.shared import keys
+from promptq.shared.batches import BatchStore
+from promptq.shared.chatqueue import ChatQueue
+from promptq.shared.connection import REDIS_DOWN, RedisHealth, connect
 from promptq.shared.errors import (
     BatchError,
     BatchExists,
@@ -36,30 +36,15 @@ from promptq.shared.errors import (
     QueueFull,
     RedisUnavailable,
 )
-from promptq.shared.lifecycle import (
-    CANCELLED_CODE,
-    CANCELLED_MESSAGE,
-    enqueue_aggregate,
-    enqueue_ticket,
-    stop_batch,
-    ticket_score_ms,
-)
-from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result, Status
-from promptq.shared.scripts import Scripts, decode
+from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result
+from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
+from promptq.shared.status import CLAIMABLE, Status
 
 #: requests written per pipeline round trip while enqueueing
 WRITE_CHUNK = 2000
-#: at most this many claim tickets circulate per batch (see worker.dispatcher)
-MAX_TICKETS = 16
-#: a ticket not started within this time is dropped by arq (the batch is long dead)
-TICKET_EXPIRES_MS = 7 * 24 * 3600 * 1000
 #: a follower (as_completed, wait) rides out a Redis restart for up to this long
 FOLLOW_RECONNECT_S = 120.0
-#: statuses of a batch that ``submit(resume=True)`` follows instead of enqueueing again
-_RESUMABLE = frozenset(
-    {"queued", "in_progress", "finalizing", "completed", "cancelling", "cancelled", "failed"}
-)
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +105,7 @@ class Producer:
         self.settings = settings or Settings()
         self._url = url
         self._redis = redis
-        self._scripts = Scripts(redis) if redis is not None else None
+        self._store = BatchStore(redis) if redis is not None else None
 
     @classmethod
     def from_url(cls, url: str, *, settings: Settings | None = None) -> Producer:
@@ -134,15 +119,16 @@ class Producer:
         return self._redis
 
     @property
-    def scripts(self) -> Scripts:
-        if self._scripts is None:
+    def store(self) -> BatchStore:
+        """The batch store on this producer's client."""
+        if self._store is None:
             raise RuntimeError("use `async with Producer.from_url(...) as producer:`")
-        return self._scripts
+        return self._store
 
     async def __aenter__(self) -> Producer:
         if self._url is not None and self._redis is None:
             self._redis = await connect(self._url, wait_s=self.settings.redis_connect_wait_s)
-            self._scripts = Scripts(self._redis)
+            self._store = BatchStore(self._redis)
         return self
 
     async def __aexit__(
@@ -153,7 +139,7 @@ class Producer:
     ) -> None:
         if self._url is not None and self._redis is not None:
             await self._redis.aclose()
-            self._redis = self._scripts = None
+            self._redis = self._store = None
 
     # -- submitting -----------------------------------------------------------------
 
@@ -220,27 +206,9 @@ class Producer:
         return Batch(self, batch_id)
 
     async def queued_requests(self) -> int:
-        """Requests waiting in every queued or running batch and in the chat queue (not
-        yet claimed)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.llen(keys.CHAT_QUEUE)
-            pipe.smembers(keys.ACTIVE)
-            chat, members = await pipe.execute()
-        queued = int(chat)
-        active = [decode(b) for b in members]
-        if not active:
-            return queued
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for batch_id in active:
-                pipe.llen(keys.pending(batch_id))
-                pipe.hget(keys.batch(batch_id), "status")
-            replies = await pipe.execute()
-        for batch_id, length, status in zip(active, replies[::2], replies[1::2], strict=True):
-            if status is None or decode(status) not in ("queued", "in_progress"):
-                await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]
-                continue
-            queued += int(length)
-        return queued
+        """Requests waiting in every running batch and in the chat queue (not yet
+        claimed)."""
+        return await ChatQueue(self.redis).length() + await self.store.pending_total()
 
     async def check_backpressure(self, adding: int) -> None:
         """Raise ``QueueFull`` if ``adding`` more requests would pass PROMPTQ_MAX_QUEUED."""
@@ -307,77 +275,34 @@ class Producer:
         options: Mapping[str, str | int | float] | None = None,
     ) -> None:
         total = len(parsed.requests)
-        existing = decode(
-            await self.scripts.create(
-                keys=[keys.batch(batch_id), keys.requests(batch_id), keys.pending(batch_id)],
-                args=[
-                    "total",
-                    total,
-                    "model",
-                    parsed.model,
-                    "endpoint",
-                    parsed.endpoint,
-                    "priority",
-                    priority.value,
-                    "fingerprint",
-                    fingerprint(parsed),
-                    *(item for pair in (options or {}).items() for item in pair),
-                ],
-            )
-        )
+        fields: dict[str, str | int | float] = {
+            "total": total,
+            "model": parsed.model,
+            "endpoint": parsed.endpoint,
+            "priority": priority.value,
+            "fingerprint": fingerprint(parsed),
+            **(options or {}),
+        }
+        existing = await self.store.create(batch_id, fields)
         if existing:
             raise BatchExists(batch_id, existing)
         # Requests first, in chunks, while the batch says 'validating': workers ignore it.
         for start in range(0, total, WRITE_CHUNK):
-            chunk = parsed.requests[start : start + WRITE_CHUNK]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hset(
-                    keys.requests(batch_id), mapping={r.custom_id: r.to_json() for r in chunk}
-                )
-                pipe.rpush(keys.pending(batch_id), *[r.custom_id for r in chunk])
-                await pipe.execute()
-        # Then, in one MULTI, flip to 'queued' and enqueue its tickets: a producer that
-        # dies before this leaves a 'validating' batch that nothing will run, never a
-        # 'queued' batch without tickets.
-        tickets = await self._ticket_count(total)
-        now_ms = int(time.time() * 1000)
-        score_ms = ticket_score_ms(priority.value, now_ms)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await self.scripts.publish(
-                keys=[keys.batch(batch_id), keys.pending(batch_id), keys.BATCHES],
-                args=[batch_id, total],
-                client=pipe,
-            )
-            for _ in range(tickets):
-                job_id = uuid.uuid4().hex
-                payload = serialize_job(
-                    "claim",
-                    (batch_id, parsed.endpoint, priority.value),
-                    {},
-                    None,
-                    now_ms,
-                    serializer=serialization.job_serializer,
-                )
-                pipe.psetex(job_key_prefix + job_id, TICKET_EXPIRES_MS, payload)
-                pipe.zadd(keys.QUEUE, {job_id: score_ms})
-            pipe.sadd(keys.ACTIVE, batch_id)
-            pipe.publish(keys.WAKEUP_CHANNEL, b"1")
-            replies = await pipe.execute()
-        flipped, detail = replies[0]
-        if int(flipped) != 1:
-            raise BatchError(f"batch {batch_id} could not be queued: {decode(detail)}")
+            await self.store.write(batch_id, parsed.requests[start : start + WRITE_CHUNK])
+        # Then one script flips it to 'queued' and lists it as runnable: a producer that
+        # dies before this leaves a 'validating' batch that nothing runs, never a
+        # 'queued' batch that no worker would find.
+        await self.store.queue(batch_id, total)
 
     async def _resume(self, parsed: ParsedBatch, batch_id: str) -> bool:
         """Take up an existing batch with the same requests; False if there is none to
         take up (absent, or left 'validating' by a producer that died enqueueing it)."""
-        raw: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
-            keys.batch(batch_id), ["status", "fingerprint", "endpoint", "priority", "total"]
+        status_raw, stored, total = await self.store.fields(
+            batch_id, "status", "fingerprint", "total"
         )
-        status, stored, endpoint, priority, total = (None if v is None else decode(v) for v in raw)
-        if status is None or status == "validating":
+        status = Status(status_raw) if status_raw else None
+        if status is None or status is Status.VALIDATING:
             return False
-        if status not in _RESUMABLE:
-            raise BatchExists(batch_id, status)
         if stored is not None:
             same = stored == fingerprint(parsed)
         else:  # submitted by an older promptq: compare the custom_ids at least
@@ -387,29 +312,22 @@ class Producer:
             }
         if not same:
             raise BatchError(
-                f"batch '{batch_id}' exists ({status}, {total} requests) but was submitted "
-                f"from other requests than these {len(parsed.requests)} (custom_ids, bodies "
-                "or default model differ); resume it with the same input, or choose "
-                "another --batch-id"
+                f"batch '{batch_id}' exists ({status.value}, {total} requests) but was "
+                f"submitted from other requests than these {len(parsed.requests)} "
+                "(custom_ids, bodies or default model differ); resume it with the same "
+                "input, or choose another --batch-id"
             )
-        if status in ("queued", "in_progress"):
-            # Its tickets may have died with every worker: one more is harmless (a
-            # ticket for a batch with nothing left to claim just ends).
-            await enqueue_ticket(self.redis, batch_id, endpoint or "", priority or "bulk")
-        elif status == "finalizing":
-            # the worker that finished it may have died before enqueueing this (fixed id:
-            # arq keeps one)
-            await enqueue_aggregate(self.redis, batch_id)
-        logger.info("resuming batch %s (%s)", batch_id, status)
+        if status in CLAIMABLE:
+            # Every worker may have died with it: their requests go back once their
+            # heartbeats expire, and any live worker picks the batch up when woken.
+            await self.store.relist(batch_id)
+            await self.store.wake()
+        elif status is Status.FINALIZING:
+            # the worker that finished it may have died before aggregating it (the job
+            # does nothing twice)
+            await self.store.request_aggregation(batch_id)
+        logger.info("resuming batch %s (%s)", batch_id, status.value)
         return True
-
-    async def _ticket_count(self, total: int) -> int:
-        """One ticket per live worker (at least one): each circulates until the batch's
-        queue is empty, so every worker that has room gets a share at once."""
-        live = await self.redis.zcount(
-            keys.WORKERS, time.time() - 3 * self.settings.heartbeat_s, "+inf"
-        )
-        return max(1, min(int(live), MAX_TICKETS, total))
 
     # -- reading --------------------------------------------------------------------
 
@@ -533,15 +451,7 @@ class Batch:
         new request of the batch is sent after this returns. Cancelling a finished batch
         changes nothing. Returns the batch's state after the call.
         """
-        status, _ = await stop_batch(
-            self._redis,
-            self.producer.scripts,
-            self.id,
-            code=CANCELLED_CODE,
-            message=CANCELLED_MESSAGE,
-            final_status="cancelled",
-            reason="cancelled by the user",
-        )
+        status = await self.producer.store.cancel(self.id)
         if not status:
             raise BatchNotFound(self.id)
         return await self.info()
@@ -585,6 +495,7 @@ class _Reconnect:
         self.doing = doing
         self.delay_s = 0.0
         self.since: float | None = None
+        self.health = RedisHealth()
 
     async def after(self, exc: Exception) -> None:
         now = time.monotonic()
@@ -594,7 +505,7 @@ class _Reconnect:
             raise RedisUnavailable(
                 f"Redis unreachable for over {FOLLOW_RECONNECT_S:.0f} s while {self.doing}: {exc}"
             ) from exc
-        redis_health.failed(exc, doing=self.doing)
+        self.health.failed(exc, doing=self.doing)
         self.delay_s = min(max(self.delay_s * 2, 0.1), 1.0)
         await asyncio.sleep(self.delay_s)
 
@@ -602,4 +513,4 @@ class _Reconnect:
         if self.since is not None:
             self.since = None
             self.delay_s = 0.0
-            redis_health.ok()
+            self.health.ok()

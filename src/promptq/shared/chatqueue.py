@@ -1,28 +1,47 @@
-"""The chat lane's queue entries, written by ``promptq serve`` and read by workers.
+"""The chat lane's queue: entries written by ``promptq serve``, taken by workers.
 
-``POST /v1/chat/completions`` does not make a batch: a batch costs a ticket job, an
-aggregator job and a handful of keys, which is noise next to bulk work but most of the
-cost of one interactive request. A chat request is one entry in ``keys.CHAT_QUEUE``:
+``POST /v1/chat/completions`` does not make a batch: a batch costs keys, a claim and an
+aggregator, which is noise next to bulk work but most of the cost of one interactive
+request. A chat request is one entry in ``keys.CHAT_QUEUE``:
 
     <id: 32 hex digits>{"body": {...}, "replica": "<API replica id>", "deadline": 1.7e9}
 
-Workers take entries before any batch work (``Dispatcher.claim_chat``), keep them in
-their ``keys.worker_chat`` hash while they run (so a dead worker's entries are handed
-back), and push the result line to the replica's ``keys.chat_replies`` list, where the
-waiting handler picks it up. An entry whose ``deadline`` (unix seconds on Redis' clock,
-to which every process measures its offset) has passed is dropped unsent: its handler
-has already answered 504.
+Every step hands an entry from one list to another, so that Redis gives it to exactly
+one party and no dropped connection loses it:
+
+1. the API pushes entries (``push``: once, even when redis-py sends the push again);
+2. a worker with a free slot blocks on ``BLMOVE`` from the queue into its own list
+   (``take``): Redis wakes one worker per entry, no other worker is bothered; the entry
+   stays in the worker's list until answered, so a dead worker's entries go back
+   (``requeue``) and a take whose reply was lost is found there (``owned``);
+3. the worker pushes the result line to the replica's reply list and drops the entry
+   from its list in one script (``reply``);
+4. the replica moves answers into its delivery list, hands them to the waiting
+   handlers, then deletes that list (``deliver`` / ``delivered``): an answer moved
+   before a dropped connection is read again, never lost.
+
+An entry whose ``deadline`` (unix seconds on Redis' clock) has passed is dropped unsent:
+its handler has already answered 504.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from arq.connections import ArqRedis
 
+from promptq.shared import keys, scripts
 from promptq.shared.keys import CHAT_ID_LEN, CHAT_ID_RE
+
+#: a push marker lives this long: redis-py's retries of a push come within seconds
+PUSH_MARKER_TTL_S = 60
+#: a chat reply list lives this long after its last answer (its replica reads it at once;
+#: a replica that died leaves it to expire)
+REPLY_TTL_S = 600
 
 
 class BadChatEntry(ValueError):
@@ -61,3 +80,120 @@ class ChatEntry:
         ):
             raise BadChatEntry(f"malformed chat queue entry {chat_id!r}")
         return cls(id=chat_id, body=body, replica=replica, deadline=float(deadline))
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A result line for the replica waiting for it (``replica`` '': nobody waits any
+    more, only forget the entry)."""
+
+    entry: bytes
+    replica: str
+    line: bytes
+
+
+class ChatQueue:
+    """The chat lane's keys and scripts (workers' side and the API's side)."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._push = scripts.register(redis, "chat_push")
+        self._take = scripts.register(redis, "chat_take")
+        self._reply = scripts.register(redis, "chat_reply")
+        self._requeue = scripts.register(redis, "chat_requeue")
+        self._deliver = scripts.register(redis, "chat_deliver")
+
+    async def length(self) -> int:
+        return int(await self.redis.llen(keys.CHAT_QUEUE))  # type: ignore[misc]
+
+    # -- the API's side ------------------------------------------------------------------
+
+    async def push(self, entries: Sequence[ChatEntry], *, previous: str = "") -> tuple[int, str]:
+        """Queue entries, exactly once. ``previous``: the token this replica's previous
+        push returned (its marker goes). Returns how many were queued and this push's
+        token (``forget_push`` it when nothing follows)."""
+        token = uuid.uuid4().hex
+        n = await self._push(
+            keys=[keys.CHAT_QUEUE, keys.chat_push(token), keys.chat_push(previous or token)],
+            args=[PUSH_MARKER_TTL_S, *(e.encode() for e in entries)],
+        )
+        return int(n), token
+
+    async def forget_push(self, token: str) -> None:
+        """Drop the marker of a replica's last push (it is shutting down)."""
+        await self.redis.delete(keys.chat_push(token))
+
+    async def wait_for_answers(self, replica: str, *, block_s: float) -> bool:
+        """Block until an answer for ``replica`` arrives (it is moved to the delivery
+        list); False after ``block_s`` without one."""
+        moved = await self.redis.blmove(
+            keys.chat_replies(replica),
+            keys.chat_delivering(replica),
+            block_s,  # type: ignore[arg-type]  # Redis takes seconds with decimals
+            "LEFT",
+            "RIGHT",
+        )
+        return moved is not None
+
+    async def deliver(self, replica: str, *, max_count: int) -> list[bytes]:
+        """Answers to hand to ``replica``'s handlers: every answer moved to its delivery
+        list and not yet acknowledged, plus up to ``max_count`` more."""
+        lines: list[bytes] = await self._deliver(
+            keys=[keys.chat_replies(replica), keys.chat_delivering(replica)], args=[max_count]
+        )
+        return lines
+
+    async def delivered(self, replica: str) -> None:
+        """Acknowledge every answer ``deliver`` returned."""
+        await self.redis.delete(keys.chat_delivering(replica))
+
+    # -- the workers' side ---------------------------------------------------------------
+
+    async def take(self, worker_id: str, *, block_s: float) -> bytes | None:
+        """Block until a chat request is waiting, then move it into the worker's list;
+        None after ``block_s`` without one."""
+        entry: bytes | None = await self.redis.blmove(
+            keys.CHAT_QUEUE,
+            keys.worker_chat(worker_id),
+            block_s,  # type: ignore[arg-type]  # Redis takes seconds with decimals
+            "LEFT",
+            "RIGHT",
+        )
+        return entry
+
+    async def take_more(self, worker_id: str, n: int) -> list[bytes]:
+        """Move up to ``n`` waiting chat requests into the worker's list (no blocking)."""
+        if n <= 0:
+            return []
+        entries: list[bytes] = await self._take(
+            keys=[keys.CHAT_QUEUE, keys.worker_chat(worker_id)], args=[n]
+        )
+        return entries
+
+    async def owned(self, worker_id: str) -> list[bytes]:
+        """The entries in the worker's list (taken and not answered)."""
+        entries: list[bytes] = await self.redis.lrange(keys.worker_chat(worker_id), 0, -1)  # type: ignore[misc]
+        return entries
+
+    async def reply(self, worker_id: str, answers: Sequence[Answer]) -> int:
+        """Push each answer to its replica's reply list and drop its entry from the
+        worker's list, in one script; returns how many lines were pushed."""
+        replicas: dict[str, int] = {}
+        args: list[Any] = [REPLY_TTL_S]
+        for answer in answers:
+            index = replicas.setdefault(answer.replica, len(replicas) + 2) if answer.replica else 0
+            args += [index, answer.entry, answer.line]
+        return int(
+            await self._reply(
+                keys=[keys.worker_chat(worker_id), *(keys.chat_replies(r) for r in replicas)],
+                args=args,
+            )
+        )
+
+    async def requeue(self, worker_id: str, entries: Sequence[bytes] | None = None) -> int:
+        """Hand entries of the worker's list back to the front of the queue (``None``:
+        all of them, e.g. for a dead worker); returns how many."""
+        args: list[Any] = ["all"] if entries is None else ["entries", *entries]
+        return int(
+            await self._requeue(keys=[keys.CHAT_QUEUE, keys.worker_chat(worker_id)], args=args)
+        )

@@ -5,9 +5,11 @@ as JSON and uses promptq's queue, so producer, worker and CLI share one code pat
 
 Redis restarts: redis-py retries a command whose connection broke (about 3 s of
 backoff), but a command that needs a new connection while Redis is down fails at once.
-Loops that must outlive a restart (the worker's poll, heartbeat and result flush, the
-producer's followers) catch ``REDIS_DOWN``, back off, and report to ``redis_health``,
-which logs one warning line when an outage starts and one line when it ends.
+Loops that must outlive a restart (the worker's claims, heartbeat and result flush, the
+producer's followers) catch ``REDIS_DOWN``, back off, and report to the ``RedisHealth``
+of their client, which logs one warning line when an outage starts and one line when it
+ends, and counts the disruptions (failures and redis-py's own retries) that a worker
+checks its claims after.
 """
 
 from __future__ import annotations
@@ -56,18 +58,27 @@ async def redis_clock_offset(redis: ArqRedis) -> float:
 
 
 class RedisHealth:
-    """This process's view of Redis: one warning when an outage starts, one line when
-    it ends, however many loops notice it.
+    """One client's view of Redis: one warning when an outage starts, one line when it
+    ends, however many loops notice it.
 
     ``failed()`` after a command failed with one of ``REDIS_DOWN``, ``ok()`` after one
-    succeeded. ``disruptions`` counts failures and redis-py's transparent retries: a
-    worker that sees it move checks its claims (a claim whose reply was lost, then
-    retried, took requests nobody runs).
+    succeeded. ``disruptions`` counts failures and redis-py's transparent retries on the
+    client given this health (``connect(..., health=)``): a worker that sees it move
+    checks its claims (a claim whose reply was lost, then retried, took requests nobody
+    runs).
     """
 
     def __init__(self) -> None:
         self.down_since: float | None = None
         self.disruptions = 0
+
+    def __repr__(self) -> str:
+        state = "down" if self.down_since is not None else "up"
+        return f"RedisHealth({state}, disruptions={self.disruptions})"
+
+    def retried(self) -> None:
+        """redis-py sent a command again after a broken connection."""
+        self.disruptions += 1
 
     def failed(self, exc: BaseException, *, doing: str) -> None:
         self.disruptions += 1
@@ -90,15 +101,15 @@ class RedisHealth:
             self.down_since = None
 
 
-#: one per process (every client of a process talks to the same Redis)
-redis_health = RedisHealth()
-
-
 class _CountingBackoff(ExponentialBackoff):
-    """redis-py's exponential backoff that tells ``redis_health`` about each retry."""
+    """redis-py's exponential backoff that tells a ``RedisHealth`` about each retry."""
+
+    def __init__(self, health: RedisHealth, *, cap: float, base: float) -> None:
+        super().__init__(cap=cap, base=base)
+        self.health = health
 
     def compute(self, failures: int) -> float:
-        redis_health.disruptions += 1
+        self.health.retried()
         return super().compute(failures)
 
 
@@ -109,11 +120,18 @@ _CLIENT_KW: dict[str, Any] = {
 }
 
 
-async def connect(url: str, *, wait_s: float = 10.0, max_connections: int = 64) -> ArqRedis:
+async def connect(
+    url: str,
+    *,
+    wait_s: float = 10.0,
+    max_connections: int = 64,
+    health: RedisHealth | None = None,
+) -> ArqRedis:
     """Open a client for ``url`` and make sure Redis answers.
 
     Retries with backoff for up to ``wait_s`` seconds (Redis restarting, container
     starting), then raises ``RedisUnavailable`` with the URL (password hidden) and a hint.
+    redis-py's transparent retries of a command are counted in ``health``.
     """
     pool = ConnectionPool.from_url(
         url,
@@ -121,7 +139,7 @@ async def connect(url: str, *, wait_s: float = 10.0, max_connections: int = 64) 
         socket_connect_timeout=5,
         health_check_interval=30,
         # Transparent reconnects for single commands during a Redis restart.
-        retry=Retry(_CountingBackoff(cap=2.0, base=0.05), retries=5),
+        retry=Retry(_CountingBackoff(health or RedisHealth(), cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     client = _owning(ArqRedis(pool, **_CLIENT_KW))

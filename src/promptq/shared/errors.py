@@ -9,12 +9,14 @@
     ├── QueueFull                backpressure: too many queued requests
     ├── RedisUnavailable         Redis does not answer
     ├── UnsafePayload            a Redis payload that is not our JSON (e.g. a planted pickle)
+    ├── BackendError             raised by a ``python:`` backend function on purpose
     └── UpstreamError            one failed attempt against the LLM upstream
         ├── RetryableUpstreamError   429, 408, 409, 5xx, timeout, connection, bad body
         └── FatalUpstreamError       400, 401, 403, 404, insufficient_quota
 
 Upstream errors are classified once, in ``promptq.worker.retry.classify``; they carry
-the HTTP status, the error code reported in results and the Retry-After delay.
+the HTTP status, the error code reported in results and the Retry-After delay. A
+``python:`` backend's failures become upstream errors in ``worker.backends.python``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,46 @@ class UnsafePayload(PromptqError):
     """A payload read from Redis is not promptq JSON; it is rejected, never executed."""
 
 
+class BackendError(PromptqError):
+    """Raise this from a ``python:`` backend function to record a classified failure.
+
+    ``status_code`` and ``code`` end up in the request's result line; ``retryable=True``
+    makes promptq try the request again (with backoff, up to PROMPTQ_MAX_ATTEMPTS), as
+    for an upstream's 5xx. Any other exception is recorded as ``backend_error``, not
+    retried.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 500,
+        code: str = "backend_error",
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.code = code
+        self.retryable = retryable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only arguments: rebuilt the same in a --backend-processes pool
+        return (_rebuild_backend_error, (self.message, self.status_code, self.code, self.retryable))
+
+    def __repr__(self) -> str:
+        return (
+            f"BackendError({self.message!r}, status_code={self.status_code}, "
+            f"code={self.code!r}, retryable={self.retryable})"
+        )
+
+
+def _rebuild_backend_error(
+    message: str, status_code: int, code: str, retryable: bool
+) -> BackendError:
+    return BackendError(message, status_code=status_code, code=code, retryable=retryable)
+
+
 class UpstreamError(PromptqError):
     """One failed attempt against the upstream LLM API.
 
@@ -140,3 +182,19 @@ class RetryableUpstreamError(UpstreamError):
 
 class FatalUpstreamError(UpstreamError):
     retryable = False
+
+
+#: upstream answers that every other request of the batch would get too: never retried,
+#: and they stop the batch instead of spending every attempt of every request on them
+STOP_BATCH_CODES = frozenset(
+    {"insufficient_quota", "invalid_api_key", "billing_hard_limit_reached"}
+)
+#: statuses that stop a batch whatever their code (the key or the account is refused)
+STOP_BATCH_STATUSES = frozenset({401, 403})
+
+
+def stops_batch(error: UpstreamError) -> bool:
+    """True when ``error`` would fail every request of its batch (see STOP_BATCH_CODES)."""
+    return not error.retryable and (
+        error.code in STOP_BATCH_CODES or error.status_code in STOP_BATCH_STATUSES
+    )

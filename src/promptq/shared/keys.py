@@ -5,7 +5,9 @@ All keys start with ``promptq:``. Keys of one batch carry the batch id in a hash
 scripts may touch all of them at once.
 
 arq keeps its own job keys under its fixed ``arq:`` prefix (``arq:job:*``,
-``arq:in-progress:*``, ``arq:retry:*``); only its queue is named by us.
+``arq:in-progress:*``, ``arq:retry:*``); only its queue is named by us. Callers do not
+assemble keys themselves: the stores (``shared.batches``, ``shared.chatqueue``,
+``shared.registry``) hand them to their scripts.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ PREFIX = "promptq"
 # so no id can forge another key (no braces, colons or whitespace in batch ids).
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-#: arq queue (sorted set of job ids) that every worker polls.
+#: arq queue (sorted set of job ids): the aggregator jobs, a fallback for the in-process
+#: aggregation of the worker that recorded a batch's last result.
 QUEUE = f"{PREFIX}:queue"
-#: Pub/sub channel: a message wakes idle workers at once instead of at their next poll.
+#: Pub/sub channel: a message says a batch has requests to claim; idle workers claim at
+#: once instead of at their next poll.
 WAKEUP_CHANNEL = f"{PREFIX}:wakeup"
+#: Sorted set: batches with requests waiting to be claimed, scored by their next turn
+#: (ms, Redis' clock; urgent batches 60 s ahead). Workers claim from the lowest score;
+#: each claim moves the batch to the back of its lane (round robin between batches).
+RUNNABLE = f"{PREFIX}:runnable"
 #: Sorted set of batch ids scored by creation time (unix seconds).
 BATCHES = f"{PREFIX}:batches"
 #: Set of batch ids that may have queued requests (backpressure sums their queues).
 ACTIVE = f"{PREFIX}:batches:active"
-#: Sorted set of worker ids scored by their last heartbeat (unix seconds).
+#: Sorted set of worker ids scored by their last heartbeat (unix seconds, Redis' clock).
 WORKERS = f"{PREFIX}:workers"
 
 
@@ -65,6 +73,12 @@ def events(batch_id: str) -> str:
     return f"{batch(batch_id)}:events"
 
 
+def claims(batch_id: str) -> str:
+    """Hash: claim token -> the custom_ids that claim took (a claim sent again gets the
+    same ones back); one entry per worker at most, deleted when the batch finishes."""
+    return f"{batch(batch_id)}:claims"
+
+
 def batch_keys(batch_id: str) -> list[str]:
     """Every key of a batch (for inspection and clean-up)."""
     return [
@@ -75,17 +89,13 @@ def batch_keys(batch_id: str) -> list[str]:
         inflight(batch_id),
         results(batch_id),
         events(batch_id),
+        claims(batch_id),
     ]
 
 
 def worker(worker_id: str) -> str:
     """Hash with a TTL: a worker's heartbeat (host, pid, in_flight, done, failed...)."""
     return f"{PREFIX}:worker:{worker_id}"
-
-
-def worker_batches(worker_id: str) -> str:
-    """Set: batches a worker has claimed requests from (for recovery if it dies)."""
-    return f"{worker(worker_id)}:batches"
 
 
 # -- the chat lane (POST /v1/chat/completions) ---------------------------------------------
@@ -104,14 +114,26 @@ CHAT_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
 def worker_chat(worker_id: str) -> str:
-    """Hash: chat requests a worker has taken and not answered, id -> queue entry (a
-    dead worker's go back to the front of the chat queue)."""
+    """List: chat queue entries a worker has taken (BLMOVE) and not answered yet (a dead
+    worker's go back to the front of the chat queue)."""
     return f"{PREFIX}:{{chat}}:worker:{worker_id}"
+
+
+def chat_push(token: str) -> str:
+    """String with a short TTL: marks one push of chat requests as done (a push sent
+    again after a lost reply queues nothing twice)."""
+    return f"{PREFIX}:{{chat}}:push:{token}"
 
 
 def chat_replies(replica_id: str) -> str:
     """List with a TTL: result lines for the API replica that is waiting for them."""
     return f"{PREFIX}:{{chat}}:replies:{replica_id}"
+
+
+def chat_delivering(replica_id: str) -> str:
+    """List: answers an API replica took from its reply list and has not yet handed to
+    their handlers (read again after a dropped connection, deleted once handed)."""
+    return f"{PREFIX}:{{chat}}:delivering:{replica_id}"
 
 
 #: Hash: latency histogram of finished requests, fields = bucket upper bounds in ms

@@ -12,23 +12,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from promptq.shared import serialization
+from promptq.shared.status import Status
 
-
-class Status(StrEnum):
-    """Batch lifecycle, the OpenAI Batch API's names."""
-
-    VALIDATING = "validating"
-    QUEUED = "queued"
-    IN_PROGRESS = "in_progress"
-    FINALIZING = "finalizing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLING = "cancelling"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+__all__ = [
+    "CHAT_ENDPOINT",
+    "ENDPOINTS",
+    "BatchInfo",
+    "BatchStats",
+    "Priority",
+    "QueuedRequest",
+    "Result",
+    "ResultError",
+    "ResultResponse",
+    "Status",
+]
 
 
 class Priority(StrEnum):
@@ -70,7 +67,8 @@ class ResultResponse(BaseModel):
 
 
 class Result(BaseModel):
-    """One output line: the OpenAI Batch API output shape plus ``latency_ms`` and ``attempts``.
+    """One output line (``shared.results``): the OpenAI Batch API output shape plus
+    ``latency_ms``, ``attempts`` and ``route``.
 
     ``latency_ms`` runs from the first attempt to the final answer (retries and backoff
     included, queue wait excluded); ``attempts`` is 0 for requests never sent.
@@ -84,6 +82,7 @@ class Result(BaseModel):
     error: ResultError | None = None
     latency_ms: float | None = None
     attempts: int = 0
+    route: str = "realtime"
 
     @property
     def ok(self) -> bool:

@@ -44,6 +44,20 @@ class Settings(BaseSettings):
     rpm: PositiveInt | None = None
     tpm: PositiveInt | None = None
     api_token: SecretStr | None = None
+    backend: str = Field(
+        default="openai",
+        min_length=1,
+        description="what workers do with a request: 'openai' (HTTP to the upstream) or "
+        "'python:MODULE:FUNCTION' (a local function)",
+    )
+    backend_threads: PositiveInt = Field(
+        default=1, le=1024, description="python: backend, plain def: threads running it"
+    )
+    backend_processes: PositiveInt | None = Field(
+        default=None,
+        le=1024,
+        description="python: backend, plain def: processes running it instead of threads",
+    )
 
     # Not in the contract's table, for operators who need them:
     result_ttl_s: PositiveInt = Field(

@@ -1,5 +1,7 @@
-"""Worker side: arq settings, fetch-with-retry, the dispatcher and the aggregator job."""
+"""Worker side: the engine (lanes, slots, backends, dispatcher, supervisor), arq's
+settings for the aggregator jobs, and the worker process."""
 
-from promptq.worker.worker import PromptqWorker, WorkerSettings, create_worker
+from promptq.worker.engine import Engine
+from promptq.worker.worker import LocalWorker, WorkerSettings, run_worker
 
-__all__ = ["PromptqWorker", "WorkerSettings", "create_worker"]
+__all__ = ["Engine", "LocalWorker", "WorkerSettings", "run_worker"]

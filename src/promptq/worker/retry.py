@@ -21,7 +21,12 @@ from typing import Any
 
 import orjson
 
-from promptq.shared.errors import FatalUpstreamError, RetryableUpstreamError, UpstreamError
+from promptq.shared.errors import (
+    STOP_BATCH_CODES,
+    FatalUpstreamError,
+    RetryableUpstreamError,
+    UpstreamError,
+)
 
 _TRY_AGAIN_RE = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
 
@@ -38,8 +43,6 @@ _CODE_BY_STATUS = {
     429: "rate_limit_exceeded",
 }
 _RETRYABLE_STATUS = frozenset({408, 409, 429})
-#: codes that no retry can fix even when the status would allow it
-_FATAL_CODES = frozenset({"insufficient_quota", "invalid_api_key", "billing_hard_limit_reached"})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -121,7 +124,7 @@ def classify(
             request_id=request_id,
         )
     code, message = _error_fields(status, body if parsed else None, raw)
-    retryable = (status in _RETRYABLE_STATUS or status >= 500) and code not in _FATAL_CODES
+    retryable = (status in _RETRYABLE_STATUS or status >= 500) and code not in STOP_BATCH_CODES
     should_retry = headers.get("x-should-retry")
     if should_retry == "true":
         retryable = True

@@ -1,17 +1,21 @@
-"""The promptq worker: an arq ``Worker`` that polls only when it has room and wakes at once.
+"""Worker processes: promptq's engine beside arq's worker loop, through arq's public API.
 
-Two changes to arq's loop, both to serve requests sooner with less overhead:
+promptq owns its request queues (the runnable index of batches, the chat queue: see
+``worker.sources``) so that a request is picked up milliseconds after it is queued, in
+groups, by whichever worker has room. arq runs the jobs it is good at: the aggregator's
+durable fallback (``worker.aggregate``), from the arq queue ``promptq:queue``, with
+JSON (de)serializers (never pickle) and the settings of ``WorkerSettings``.
 
-* **Wake-ups instead of waiting for the next poll.** Producers publish on
-  ``promptq:wakeup`` when they enqueue; the worker subscribes and polls immediately, so a
-  batch starts within milliseconds, not arq's 0.5 s poll delay. The poll delay remains
-  as a fallback if a message is lost. A ``chat`` message goes to the dispatcher's chat
-  loop instead: chat requests wait in their own list, not in arq's queue.
-* **Capacity gating.** A worker with fewer free slots than its low-water mark does not
-  take jobs, so tickets go to workers that can use them.
+Two ways to run one:
 
-``WorkerSettings`` also works with plain ``arq promptq.worker.WorkerSettings`` (then
-without wake-ups or gating).
+* ``promptq worker`` (``run_worker``): connects, starts the engine and arq's loop
+  (``arq.worker.create_worker(WorkerSettings, handle_signals=False, ...)``), and on
+  SIGTERM/SIGINT drains the engine (a second signal: hand back at once);
+* ``arq promptq.worker.WorkerSettings``: arq runs the process and starts and drains the
+  engine in its ``on_startup`` / ``on_shutdown`` hooks.
+
+``LocalWorker`` is the same pair on a client someone else owns (the embedded mode,
+tests).
 """
 
 from __future__ import annotations
@@ -19,264 +23,208 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from typing import Any, ClassVar
 
-from arq import Worker
-from arq.connections import ArqRedis
+from arq import func
+from arq.connections import ArqRedis, RedisSettings
+from arq.worker import Worker, create_worker
 
 from promptq.shared import keys, serialization
-from promptq.shared.connection import connect, is_redis_outage, redis_health
-from promptq.shared.ratelimit import RateLimiter
-from promptq.shared.scripts import Scripts
-from promptq.shared.settings import Settings, redact_url
-from promptq.worker import jobs
-from promptq.worker.dispatcher import Dispatcher
-from promptq.worker.fetch import Fetcher
-from promptq.worker.retry import RetryPolicy
+from promptq.shared.chatqueue import ChatQueue
+from promptq.shared.connection import RedisHealth, connect
+from promptq.shared.settings import DEFAULT_REDIS_URL, Settings, redact_url
+from promptq.worker.aggregate import aggregate_job
+from promptq.worker.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-
-class _RedisOutageInOneLine(logging.Filter):
-    """arq logs a job that raised with its traceback. When the cause is a Redis outage
-    (a ticket caught by a restart), one line says enough; the dispatcher re-checks its
-    batches once Redis answers again (``redis_health.disruptions``)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and is_redis_outage(exc):
-            record.exc_info = None
-            record.exc_text = None
-            redis_health.disruptions += 1
-        return True
+#: how often a ``--burst`` worker checks whether everything is done
+BURST_CHECK_S = 0.1
 
 
-logging.getLogger("arq.worker").addFilter(_RedisOutageInOneLine())
-
-
-async def startup(ctx: dict[str, Any]) -> None:
-    """arq ``on_startup``: open the upstream session and the dispatcher."""
+async def on_startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup`` (``arq promptq.worker.WorkerSettings``): start the engine."""
     settings: Settings = ctx.get("settings") or Settings()
-    ctx["settings"] = settings
-    limiter = RateLimiter(
-        ctx["redis"],
-        upstream_url=settings.upstream_url,
-        rpm=settings.rpm,
-        tpm=settings.tpm,
-        per_model=settings.limit_per_model,
-    )
-    fetcher = Fetcher(
-        base_url=settings.upstream_url,
-        api_key=settings.api_key,
-        concurrency=settings.concurrency,
-        timeout_s=settings.timeout_s,
-        policy=RetryPolicy(max_attempts=settings.max_attempts),
-        limiter=limiter,
-    )
-    await fetcher.__aenter__()
-    dispatcher = Dispatcher(
-        redis=ctx["redis"],
-        fetcher=fetcher,
-        concurrency=settings.concurrency,
-        heartbeat_s=settings.heartbeat_s,
-        upstream_label=settings.upstream_url,
-        adaptive=settings.adaptive_concurrency,
-        chat_poll_s=settings.poll_delay_s,
-    )
-    await dispatcher.start()
-    ctx.update(
-        fetcher=fetcher,
-        dispatcher=dispatcher,
-        scripts=Scripts(ctx["redis"]),
-        result_ttl_s=settings.result_ttl_s,
-    )
-    logger.info(
-        "worker %s ready: upstream %s, concurrency %d%s, %d attempt(s), timeout %.0fs, %s",
-        dispatcher.worker_id,
-        settings.upstream_url,
-        settings.concurrency,
-        " (adaptive)" if settings.adaptive_concurrency else "",
-        settings.max_attempts,
-        settings.timeout_s,
-        limiter,
-    )
+    engine = Engine(ctx["redis"], settings)
+    ctx.update(engine=engine, store=engine.store, result_ttl_s=settings.result_ttl_s)
+    await engine.start()
 
 
-async def shutdown(ctx: dict[str, Any]) -> None:
-    """arq ``on_shutdown``: finish or hand back in-flight work, close the session."""
-    dispatcher: Dispatcher | None = ctx.get("dispatcher")
-    if dispatcher is not None:
-        settings: Settings = ctx["settings"]
-        await dispatcher.close(grace_s=settings.shutdown_grace_s)
-    fetcher: Fetcher | None = ctx.get("fetcher")
-    if fetcher is not None:
-        await fetcher.__aexit__(None, None, None)
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    """arq ``on_shutdown``: drain the engine."""
+    engine: Engine | None = ctx.get("engine")
+    if engine is not None:
+        await engine.stop()
+
+
+def _redis_settings() -> RedisSettings:
+    """For plain arq, which takes its Redis from the settings class: PROMPTQ_REDIS_URL."""
+    return RedisSettings.from_dsn(os.environ.get("PROMPTQ_REDIS_URL") or DEFAULT_REDIS_URL)
 
 
 class WorkerSettings:
-    """arq settings (``arq promptq.worker.WorkerSettings`` works too)."""
+    """arq settings (``arq promptq.worker.WorkerSettings`` runs a promptq worker)."""
 
-    functions: ClassVar[list[Any]] = [jobs.claim, jobs.aggregate]
+    functions: ClassVar[list[Any]] = [func(aggregate_job, name="aggregate")]
     queue_name = keys.QUEUE
-    on_startup = startup
-    on_shutdown = shutdown
+    on_startup = on_startup
+    on_shutdown = on_shutdown
     job_serializer = serialization.job_serializer
     job_deserializer = serialization.job_deserializer
     keep_result = 0  # results live in promptq's own keys
-    max_jobs = 32  # tickets finish in milliseconds; this bounds claims in progress
-    # arq re-runs a job whose worker died once its lease (job_timeout + 10 s) expires;
-    # tickets take milliseconds and aggregation seconds, so keep that lease short.
-    job_timeout = 60
+    max_jobs = 4
+    # arq runs a job whose worker died again once its lease (job_timeout + 10 s) ends;
+    # aggregating a million results takes seconds
+    job_timeout = 300
     max_tries = 5
     poll_delay = 0.5
     health_check_interval = 60
     log_results = False
+    # read by plain arq only (the promptq command passes its own client)
+    redis_settings = _redis_settings()
 
 
-class PromptqWorker(Worker):
-    """arq Worker with wake-ups and capacity gating (see the module docstring)."""
+def settings_dict() -> dict[str, Any]:
+    """``WorkerSettings`` as the keyword arguments of arq's ``Worker``."""
+    return {k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")}
 
-    def __init__(self, *, settings: Settings, **kwargs: Any) -> None:
-        options: dict[str, Any] = {
-            k: v for k, v in vars(WorkerSettings).items() if not k.startswith("_")
-        }
-        options["poll_delay"] = settings.poll_delay_s
-        options.update(kwargs)
-        ctx = options.pop("ctx", None) or {}
-        ctx["settings"] = settings
-        super().__init__(ctx=ctx, **options)
-        self.settings = settings
-        self._wakeup = asyncio.Event()
-        #: set once connected and started: the worker takes jobs from then on
-        self.ready = asyncio.Event()
+
+class JobRunner:
+    """arq's worker loop for promptq's arq jobs, on a client the caller owns."""
+
+    def __init__(self, redis: ArqRedis, *, ctx: dict[str, Any], poll_delay_s: float) -> None:
+        self.worker: Worker = create_worker(
+            settings_dict(),
+            redis_pool=redis,
+            handle_signals=False,
+            ctx=ctx,
+            on_startup=None,
+            on_shutdown=None,
+            poll_delay=poll_delay_s,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.worker.async_run(), name="arq jobs")
 
     @property
-    def dispatcher(self) -> Dispatcher | None:
-        return self.ctx.get("dispatcher")
+    def busy(self) -> bool:
+        return any(not t.done() for t in self.worker.tasks.values())
 
-    async def main(self) -> None:
-        if self._pool is None:
-            url = self.settings.redis_url_or_default
-            self._pool = await connect(url, wait_s=self.settings.redis_connect_wait_s)
-            logger.info("connected to Redis at %s", redact_url(url))
-        self.ctx["redis"] = self.pool
-        if self.on_startup:
-            await self.on_startup(self.ctx)
-        dispatcher = self.dispatcher
-        assert dispatcher is not None
-        dispatcher.on_capacity = self._wakeup.set
-        self.ready.set()
-        listener = asyncio.create_task(self._listen_for_wakeups())
-        outage_delay_s = 0.0
-        try:
-            while True:
-                self._wakeup.clear()
-                try:
-                    if dispatcher.can_take_work():
-                        await self._poll_iteration()
-                    else:
-                        self._reap_tasks()
-                    if self.burst and await self._burst_finished(dispatcher):
-                        return
-                except Exception as exc:
-                    if not is_redis_outage(exc):
-                        raise
-                    # Redis restarting: requests in flight carry on and their results
-                    # wait in the dispatcher; poll again with backoff.
-                    redis_health.failed(exc, doing="polling the queue")
-                    outage_delay_s = min(max(outage_delay_s * 2, 0.1), 1.0)
-                    await asyncio.sleep(outage_delay_s)
-                    continue
-                outage_delay_s = 0.0
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the
-                # cancellation that arq's SIGTERM handler sends, and the worker keeps going.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_delay_s):
-                        await self._wakeup.wait()
-        finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
-
-    async def close(self) -> None:
-        """arq's close, but tolerant of cancelled job tasks and with redis-py 5's aclose()."""
-        if not self._handle_signals:
-            self.handle_sig(signal.SIGUSR1)
-        if not self._pool:
+    async def stop(self) -> None:
+        """Stop polling and cancel running jobs (arq runs a cancelled job again later;
+        ours do nothing twice). The client stays open: its owner closes it."""
+        if self._task is None:
             return
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        with contextlib.suppress(Exception):  # Redis may be gone already
-            await self.pool.delete(self.health_check_key)
-        if self.on_shutdown:
-            await self.on_shutdown(self.ctx)
-        await self.pool.aclose()
-        self._pool = None
+        self.worker.handle_sig(signal.SIGUSR1)  # what Worker.close does first
+        await asyncio.gather(self._task, *self.worker.tasks.values(), return_exceptions=True)
+        self._task = None
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        # One ticket claims every free slot, so starting many at once only makes the
-        # later ones find nothing; two leave room for an aggregator job beside a ticket.
-        # When a job ends, poll again at once: due jobs left behind must not wait for the
-        # next wake-up or the poll delay.
-        dispatcher = self.dispatcher
-        for job_id in job_ids:
-            if dispatcher is not None and (not dispatcher.can_take_work() or self.job_counter >= 2):
-                return
-            await super().start_jobs([job_id])
-            task = self.tasks.get(job_id.decode())
-            if task is not None:
-                task.add_done_callback(lambda _: self._wakeup.set())
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        try:
-            await super().run_job(job_id, score)
-        except Exception as exc:
-            if not is_redis_outage(exc):
-                raise
-            # arq could not start or finish the job's bookkeeping: it runs the job again
-            # once its lease expires. Say so now, once per outage, rather than when the
-            # poll loop collects the task (by then Redis may be back).
-            redis_health.failed(exc, doing=f"running job {job_id}")
+class LocalWorker:
+    """An engine and a job runner on a client the caller owns (embedded mode, tests)."""
 
-    def _reap_tasks(self) -> None:
-        for job_id, task in list(self.tasks.items()):
-            if task.done():
-                del self.tasks[job_id]
-                task.result()
+    def __init__(
+        self, redis: ArqRedis, settings: Settings, *, health: RedisHealth | None = None
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.engine = Engine(redis, settings, health=health)
+        self.jobs = JobRunner(
+            redis,
+            ctx={
+                "store": self.engine.store,
+                "settings": settings,
+                "result_ttl_s": settings.result_ttl_s,
+            },
+            poll_delay_s=settings.poll_delay_s,
+        )
 
-    async def _burst_finished(self, dispatcher: Dispatcher) -> bool:
-        if self.tasks or not dispatcher.idle:
+    @property
+    def worker_id(self) -> str:
+        return self.engine.worker_id
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.jobs.start()
+
+    async def stop(self, *, grace_s: float | None = None) -> None:
+        await self.engine.stop(grace_s=grace_s)
+        await self.jobs.stop()
+
+    async def finished(self) -> bool:
+        """Burst mode: nothing queued, running or aggregating."""
+        if not self.engine.idle or self.jobs.busy:
             return False
-        return int(await self.pool.zcard(self.queue_name)) == 0
+        if await self.engine.store.runnable(1):
+            return False
+        return await ChatQueue(self.redis).length() == 0
 
-    async def _listen_for_wakeups(self) -> None:
-        delay = 0.1
-        while True:
-            pubsub = self.pool.pubsub()
-            try:
-                await pubsub.subscribe(keys.WAKEUP_CHANNEL)
-                delay = 0.1
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
-                    if message is None:
-                        continue
-                    dispatcher = self.dispatcher
-                    if message.get("data") == keys.CHAT_WAKEUP and dispatcher is not None:
-                        dispatcher.chat_waiting()  # chat requests skip the arq queue
-                    else:
-                        self._wakeup.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis restarting: polling covers the gap
-                logger.debug("wake-up listener reconnecting: %s", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def __aenter__(self) -> LocalWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
-def create_worker(
-    settings: Settings, *, redis: ArqRedis | None = None, **kwargs: Any
-) -> PromptqWorker:
-    """A worker for ``settings``; pass ``redis`` to share a client (embedded mode, tests)."""
-    return PromptqWorker(settings=settings, redis_pool=redis, **kwargs)
+async def run_worker(settings: Settings, *, burst: bool = False) -> None:
+    """``promptq worker``: run until SIGTERM/SIGINT (or, with ``burst``, until everything
+    queued is done), then drain. Raises ``RedisUnavailable`` when Redis does not answer,
+    ``ConfigError`` when the backend cannot be loaded."""
+    url = settings.redis_url_or_default
+    health = RedisHealth()
+    redis = await connect(url, wait_s=settings.redis_connect_wait_s, health=health)
+    logger.info("connected to Redis at %s", redact_url(url))
+    stop = asyncio.Event()
+    local: LocalWorker | None = None
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            logger.warning("%s again: handing in-flight requests back now", sig.name)
+            if local is not None:
+                local.engine.dispatcher.hurry()
+            return
+        held = local.engine.slots.held if local is not None else 0
+        logger.info(
+            "%s: draining: %d in-flight request(s) may finish for up to %.0fs, the rest "
+            "go back to the queue (send %s again to hand them back now)",
+            sig.name,
+            held,
+            settings.shutdown_grace_s,
+            sig.name,
+        )
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        local = LocalWorker(redis, settings, health=health)
+        await local.start()
+        if burst:
+            while not stop.is_set() and not await local.finished():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(BURST_CHECK_S):
+                        await stop.wait()
+        else:
+            await stop.wait()
+    finally:
+        started = time.monotonic()
+        if local is not None:
+            await local.stop()
+            d = local.engine.dispatcher
+            logger.info(
+                "worker %s stopped in %.1fs: %d succeeded, %d failed, %d retries",
+                local.worker_id,
+                time.monotonic() - started,
+                d.done,
+                d.failed,
+                d.retries,
+            )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await redis.aclose()

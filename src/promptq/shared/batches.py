@@ -1,0 +1,389 @@
+"""The batch store: every batch key, every batch script and every transition, in one place.
+
+Producers create, write and queue batches and stop them; workers claim, record, hand
+back and finish; the HTTP API fails batches whose input is invalid. None of them builds
+a key or calls a script: they call this store. Keys of one batch share the ``{ID}``
+hash tag; the scripts that also keep one of promptq's indexes current (``runnable``,
+``batches``, ``active``) name those keys too.
+
+A batch's requests wait in its ``:pending`` list. The runnable index lists the batches
+with pending requests, scored by their next turn: a claim takes from the batch at the
+front and moves it to the back of its lane, so batches of one lane take turns and an
+urgent batch overtakes bulk ones (``scripts.URGENT_HEAD_START_MS``). Every step that
+puts requests back in ``:pending`` lists the batch again, in the same script.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from arq.connections import ArqRedis
+
+from promptq.shared import keys, scripts
+from promptq.shared.errors import BatchError
+from promptq.shared.models import QueuedRequest
+from promptq.shared.results import stop_template
+from promptq.shared.scripts import decode
+from promptq.shared.status import RUNNING, Status, parse
+
+logger = logging.getLogger(__name__)
+
+#: never-sent requests given their result per stop script call (keeps each call short)
+STOP_CHUNK = 1000
+CANCELLED_CODE = "batch_cancelled"
+CANCELLED_MESSAGE = "the batch was cancelled before this request was sent"
+#: an aggregator job not started within this time is dropped by arq (the batch is gone)
+AGGREGATE_JOB_EXPIRES_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """What one claim took: ``remaining`` requests still pending (-1: the batch takes no
+    claims: stopped, finished or gone), the batch's priority and endpoint, the requests."""
+
+    remaining: int
+    priority: str
+    endpoint: str
+    requests: list[QueuedRequest]
+    token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What one record call did: results newly recorded, whether this call made the batch
+    final (exactly one caller ever sees True), whether its failure rate is over the limit."""
+
+    added: int
+    became_final: bool
+    too_many_failures: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopInfo:
+    """How a stopped batch ends: its final status, and the code and message of the lines of
+    requests that were never sent."""
+
+    final_status: str
+    code: str
+    message: str
+    reason: str
+
+
+class BatchStore:
+    """promptq's batches in one Redis (owns their keys and scripts)."""
+
+    def __init__(self, redis: ArqRedis) -> None:
+        self.redis = redis
+        self._create = scripts.register(redis, "batch_create")
+        self._queue = scripts.register(redis, "batch_queue")
+        self._claim = scripts.register(redis, "batch_claim")
+        self._record = scripts.register(redis, "batch_record")
+        self._finish = scripts.register(redis, "batch_finish")
+        self._release = scripts.register(redis, "batch_release")
+        self._stop = scripts.register(redis, "batch_stop")
+        self._fail_validating = scripts.register(redis, "batch_fail_validating")
+        self._relist = scripts.register(redis, "batch_relist")
+
+    # -- producing -----------------------------------------------------------------------
+
+    async def create(self, batch_id: str, fields: Mapping[str, str | int | float]) -> str:
+        """Create the batch in status ``validating`` (a batch left ``validating`` by a
+        producer that died is started over). Returns the status of an existing batch
+        that kept the id, or '' when created."""
+        args = [item for pair in fields.items() for item in pair]
+        reply = await self._create(
+            keys=[keys.batch(batch_id), keys.requests(batch_id), keys.pending(batch_id)],
+            args=args,
+        )
+        return decode(reply)
+
+    async def write(self, batch_id: str, requests: Sequence[QueuedRequest]) -> None:
+        """Add requests to a ``validating`` batch (one round trip; workers ignore them
+        until ``queue``)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(keys.requests(batch_id), mapping={r.custom_id: r.to_json() for r in requests})
+            pipe.rpush(keys.pending(batch_id), *[r.custom_id for r in requests])
+            await pipe.execute()
+
+    async def queue(self, batch_id: str, total: int) -> None:
+        """Flip a fully written batch to ``queued``, list it, and wake the workers.
+        Raises ``BatchError`` when the batch is not ``validating`` or incomplete."""
+        flipped, detail = await self._queue(
+            keys=[
+                keys.batch(batch_id),
+                keys.pending(batch_id),
+                keys.BATCHES,
+                keys.RUNNABLE,
+                keys.ACTIVE,
+            ],
+            args=[batch_id, total],
+        )
+        if int(flipped) != 1:
+            raise BatchError(f"batch {batch_id} could not be queued: {decode(detail)}")
+        await self.wake()
+
+    async def wake(self) -> None:
+        """Tell idle workers that a batch has requests to claim."""
+        await self.redis.publish(keys.WAKEUP_CHANNEL, b"1")
+
+    async def fail_validating(
+        self, batch_id: str, *, reason: str, errors_json: str, ttl_s: int
+    ) -> str:
+        """End a ``validating`` batch as ``failed`` with OpenAI-style ``errors`` (JSON);
+        returns its status afterwards (a batch that moved on is left alone)."""
+        status = await self._fail_validating(
+            keys=[
+                keys.batch(batch_id),
+                keys.requests(batch_id),
+                keys.pending(batch_id),
+                keys.BATCHES,
+            ],
+            args=[batch_id, ttl_s, reason, errors_json],
+        )
+        return decode(status)
+
+    # -- reading -------------------------------------------------------------------------
+
+    async def read(self, batch_id: str) -> dict[str, str]:
+        """The batch hash, decoded ({} for no such batch)."""
+        raw = await self.redis.hgetall(keys.batch(batch_id))  # type: ignore[misc]
+        return {decode(k): decode(v) for k, v in raw.items()}
+
+    async def result_lines(self, batch_id: str) -> AsyncIterator[bytes]:
+        """Every result line recorded so far (stored JSON, any order)."""
+        async for _cid, value in self.redis.hscan_iter(keys.results(batch_id), count=1000):
+            yield value
+
+    async def status(self, batch_id: str) -> Status | None:
+        return parse(await self.redis.hget(keys.batch(batch_id), "status"))  # type: ignore[misc]
+
+    async def fields(self, batch_id: str, *names: str) -> list[str | None]:
+        raw: list[bytes | None] = await self.redis.hmget(keys.batch(batch_id), list(names))  # type: ignore[misc]
+        return [None if v is None else decode(v) for v in raw]
+
+    async def stop_info(self, batch_id: str) -> StopInfo | None:
+        """How the batch ends if it was stopped, else None."""
+        final, code, message, reason = await self.fields(
+            batch_id, "final_status", "stop_code", "stop_message", "reason"
+        )
+        if not final:
+            return None
+        return StopInfo(
+            final_status=final,
+            code=code or CANCELLED_CODE,
+            message=message or CANCELLED_MESSAGE,
+            reason=reason or "",
+        )
+
+    async def pending_total(self) -> int:
+        """Requests waiting to be claimed in every running batch. Batches that no longer
+        run leave the ``active`` set on the way (its rule for shrinking)."""
+        active = await self.active()
+        if not active:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for batch_id in active:
+                pipe.llen(keys.pending(batch_id))
+                pipe.hget(keys.batch(batch_id), "status")
+            replies = await pipe.execute()
+        queued = 0
+        gone = []
+        for batch_id, length, status in zip(active, replies[::2], replies[1::2], strict=True):
+            if parse(status) not in RUNNING:
+                gone.append(batch_id)
+                continue
+            queued += int(length)
+        if gone:
+            await self.redis.srem(keys.ACTIVE, *gone)  # type: ignore[misc]
+        return queued
+
+    # -- stopping ------------------------------------------------------------------------
+
+    async def stop(
+        self, batch_id: str, *, code: str, message: str, final_status: str, reason: str
+    ) -> tuple[str, bool]:
+        """Stop dispatching a batch and give every never-sent request a result with
+        ``code``. ``final_status`` is ``cancelled`` for a user's cancel, ``failed`` for
+        promptq's own stops. Returns the status after the call ('' if the batch does not
+        exist) and whether this call made the batch final (its aggregator is then
+        enqueued)."""
+        prefix, middle, suffix = stop_template(code, message)
+        became_final = False
+        while True:
+            status, remaining, final = await self._stop(
+                keys=[
+                    keys.batch(batch_id),
+                    keys.pending(batch_id),
+                    keys.results(batch_id),
+                    keys.events(batch_id),
+                    keys.RUNNABLE,
+                ],
+                args=[batch_id, STOP_CHUNK, code, message, final_status, reason,
+                      prefix, middle, suffix],
+            )  # fmt: skip
+            if int(final):
+                became_final = True
+                await self.request_aggregation(batch_id)
+            if int(remaining) == 0:
+                return decode(status), became_final
+
+    async def cancel(self, batch_id: str) -> str:
+        """A user's cancel (see ``Batch.cancel``); returns the status after it."""
+        status, _ = await self.stop(
+            batch_id,
+            code=CANCELLED_CODE,
+            message=CANCELLED_MESSAGE,
+            final_status=Status.CANCELLED,
+            reason="cancelled by the user",
+        )
+        return status
+
+    async def request_aggregation(self, batch_id: str, *, defer_s: float = 0.0) -> None:
+        """Enqueue the batch's aggregator job (arq; a fixed job id, so arq keeps one). The
+        job does nothing unless the batch is finalizing."""
+        await self.redis.enqueue_job(
+            "aggregate",
+            batch_id,
+            _job_id=keys.aggregate_job_id(batch_id),
+            _defer_by=defer_s or None,
+            _expires=AGGREGATE_JOB_EXPIRES_S,
+        )
+
+    # -- working -------------------------------------------------------------------------
+
+    async def runnable(self, limit: int) -> list[str]:
+        """Up to ``limit`` batches with requests to claim, the next turn first."""
+        raw = await self.redis.zrange(keys.RUNNABLE, 0, limit - 1)
+        return [decode(b) for b in raw]
+
+    async def claim(
+        self, batch_id: str, n: int, worker_id: str, *, previous_token: str = ""
+    ) -> Claim:
+        """Claim up to ``n`` requests of the batch for ``worker_id`` (idempotent: a claim
+        that redis-py sends again after a lost reply takes the same requests).
+        ``previous_token``: the token of this worker's previous claim of the batch (its
+        record goes)."""
+        token = uuid.uuid4().hex
+        reply = await self._claim(
+            keys=[
+                keys.batch(batch_id),
+                keys.pending(batch_id),
+                keys.inflight(batch_id),
+                keys.requests(batch_id),
+                keys.claims(batch_id),
+                keys.RUNNABLE,
+            ],
+            args=[n, worker_id, batch_id, token, previous_token],
+        )
+        remaining = int(reply[0])
+        if remaining < 0:
+            return Claim(remaining=-1, priority="", endpoint="", requests=[])
+        requests = [QueuedRequest.from_json(raw) for raw in reply[3:] if raw]
+        return Claim(
+            remaining=remaining,
+            priority=decode(reply[1]),
+            endpoint=decode(reply[2]),
+            requests=requests,
+            token=token if requests else previous_token,
+        )
+
+    async def relist(self, batch_id: str) -> bool:
+        """List a batch with pending requests as runnable (resuming it); True if listed."""
+        listed = await self._relist(
+            keys=[keys.batch(batch_id), keys.pending(batch_id), keys.RUNNABLE], args=[batch_id]
+        )
+        return bool(int(listed))
+
+    async def record(self, batch_id: str, args: Sequence[Any]) -> Recorded:
+        """Record results: ``args`` holds 4 items per result (custom_id, line JSON, ok
+        1|0, retries). Each custom_id counts once, whatever happens."""
+        added, final, too_many = await self._record(
+            keys=[
+                keys.batch(batch_id),
+                keys.results(batch_id),
+                keys.inflight(batch_id),
+                keys.events(batch_id),
+            ],
+            args=[len(args) // 4, *args],
+        )
+        return Recorded(int(added), bool(int(final)), bool(int(too_many)))
+
+    async def release(
+        self, batch_id: str, custom_ids: Iterable[str] | None = None, *, owner: str | None = None
+    ) -> int:
+        """Hand claimed, unfinished requests back to the front of the batch's queue: the
+        given ones, or all that ``owner`` holds. Requests handed back to a stopped batch
+        end with the stop's code at once. Returns how many were handed back."""
+        if owner is not None:
+            args: list[Any] = [batch_id, "owner", owner]
+        else:
+            args = [batch_id, "ids", *(custom_ids or ())]
+        n, stopped = await self._release(
+            keys=[
+                keys.batch(batch_id),
+                keys.pending(batch_id),
+                keys.inflight(batch_id),
+                keys.results(batch_id),
+                keys.RUNNABLE,
+            ],
+            args=args,
+        )
+        if int(n):
+            if int(stopped):
+                await self.stop_again(batch_id)
+            else:
+                await self.wake()
+        return int(n)
+
+    async def stop_again(self, batch_id: str) -> None:
+        """Requests came back to a stopped batch: they end with the stop's code too."""
+        stop = await self.stop_info(batch_id)
+        if stop is not None:
+            await self.stop(
+                batch_id,
+                code=stop.code,
+                message=stop.message,
+                final_status=stop.final_status,
+                reason=stop.reason,
+            )
+
+    async def owned(self, batch_id: str, worker_id: str) -> set[str]:
+        """The custom_ids ``worker_id`` holds in flight in the batch."""
+        me = worker_id.encode()
+        return {
+            decode(cid)
+            async for cid, owner in self.redis.hscan_iter(keys.inflight(batch_id), count=1000)
+            if owner == me
+        }
+
+    async def finish(self, batch_id: str, *, ttl_s: int, stats: Mapping[str, str]) -> str:
+        """Write the stats and the terminal status of a finalizing batch (no-op for any
+        other); returns the status afterwards."""
+        fields = [item for pair in stats.items() for item in pair]
+        final = decode(
+            await self._finish(
+                keys=[
+                    keys.batch(batch_id),
+                    keys.stats(batch_id),
+                    keys.events(batch_id),
+                    keys.claims(batch_id),
+                    keys.requests(batch_id),
+                    keys.pending(batch_id),
+                    keys.inflight(batch_id),
+                    keys.results(batch_id),
+                ],
+                args=[ttl_s, *fields],
+            )
+        )
+        await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]
+        return final
+
+    async def active(self) -> list[str]:
+        """Batches that may hold requests in flight (queued to finalizing): a dead
+        worker's requests are looked for here."""
+        members = await self.redis.smembers(keys.ACTIVE)  # type: ignore[misc]
+        return [decode(b) for b in members]
