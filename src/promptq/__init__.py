@@ -5,6 +5,7 @@ What users import lives here; everything else is internal.
 
 from promptq.producer import Batch, Producer
 from promptq.shared.errors import (
+    BackendError,
     BatchError,
     BatchExists,
     BatchNotFound,
@@ -18,6 +19,7 @@ from promptq.shared.settings import Settings
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendError",
     "Batch",
     "BatchError",
     "BatchExists",
