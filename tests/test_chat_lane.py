@@ -165,8 +165,15 @@ async def test_a_timed_out_request_is_not_sent_later(
             await lane.send(lane.validate(chat_body("impatient")), timeout_s=0.2)
         assert await redis.llen(keys.CHAT_QUEUE) == 1
         async with local_cluster(settings, workers=1):
-            await wait_until(lambda: _chat_keys_gone(redis), what="the entry to be dropped")
+            # only the open lane's own push counter is left
+            only_the_counter = [keys.chat_pushed(lane.replica_id).encode()]
+
+            async def dropped() -> bool:
+                return await chat_keys(redis) == only_the_counter
+
+            await wait_until(dropped, what="the entry to be dropped")
     assert mock.stats.requests == 0
+    assert await chat_keys(redis) == []  # the closed lane took its counter with it
 
 
 async def test_an_answer_redis_refuses_is_dropped_without_holding_up_batches(

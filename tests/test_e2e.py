@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from arq.connections import ArqRedis
 
@@ -10,7 +16,7 @@ from promptq.mock import MockServer, expected_content
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
-from .conftest import WorkerProcs, wait_until
+from .conftest import WorkerProcs, wait_until, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -72,3 +78,29 @@ async def test_thousand_requests_two_worker_processes(
     # both worker processes took part (their heartbeats count what they did)
     await wait_until(both_worked, timeout_s=10, what="both workers to report work done")
     assert "Traceback" not in worker_procs.log_text()
+
+
+async def test_plain_arq_runs_a_promptq_worker(
+    redis: ArqRedis, settings: Settings, mock: MockServer, tmp_path: Path
+) -> None:
+    """`arq promptq.worker.WorkerSettings`: arq runs the process, its on_startup hook starts
+    promptq's engine, and SIGTERM drains it."""
+    env = worker_env(settings)
+    log = tmp_path / "arq.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "arq", "promptq.worker.WorkerSettings",
+            env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        await WorkerProcs(settings, tmp_path).wait_ready(redis, 1)
+        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+            batch = await p.submit([f"arq {i}" for i in range(30)])
+            stats = await batch.wait(timeout_s=30)
+        assert stats.succeeded == 30
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(proc.wait(), 30)
+    assert code == 0, log.read_text()
+    assert int(await redis.zcard(keys.WORKERS)) == 0  # drained and gone
+    assert "Traceback" not in log.read_text()

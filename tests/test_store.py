@@ -228,7 +228,7 @@ async def test_chat_push_queues_once_and_take_hands_each_entry_to_one_worker(
     q = ChatQueue(store)
     replica = new_chat_id()
     entries = [ChatEntry(new_chat_id(), {"n": i}, replica, 1e12) for i in range(3)]
-    assert (await q.push(entries))[0] == 3
+    assert await q.push(replica, 1, entries) == 3
     first = await q.take("w1", block_s=0.1)
     more = await q.take_more("w2", 5)
     assert first == entries[0].encode()
@@ -236,31 +236,33 @@ async def test_chat_push_queues_once_and_take_hands_each_entry_to_one_worker(
     assert await q.owned("w1") == [entries[0].encode()]
     assert await q.take("w1", block_s=0.1) is None  # nothing left: timed out
     # answered: the line reaches the replica, the entry leaves the worker's list
-    assert await q.reply("w1", [Answer(first, replica, b'{"custom_id": "x"}')]) == 1
+    answers = [Answer(first, replica, b'{"custom_id": "x"}'), Answer(more[0], replica, b"y")]
+    assert await q.reply("w1", answers[:1]) == 1
     assert await q.owned("w1") == []
-    assert await q.deliver(replica, max_count=10) == [b'{"custom_id": "x"}']
-    # not acknowledged yet: delivered again (after a dropped connection, say)
-    assert await q.deliver(replica, max_count=10) == [b'{"custom_id": "x"}']
+    assert await q.wait_for_answer(replica, block_s=0.1) == b'{"custom_id": "x"}'
+    await q.reply("w2", answers[1:])
+    assert await q.deliver(replica, max_count=10) == [b"y"]
+    # not forgotten yet: read again after a dropped connection
+    assert await q.undelivered(replica) == [b'{"custom_id": "x"}', b"y"]
     await q.delivered(replica)
-    assert await q.deliver(replica, max_count=10) == []
+    assert await q.undelivered(replica) == []
     # a dead worker's entries go back to the front of the queue, in order
-    assert await q.requeue("w2") == 2
-    assert await store.lrange(keys.CHAT_QUEUE, 0, -1) == [e.encode() for e in entries[1:]]
+    assert await q.requeue("w2") == 1
+    assert await store.lrange(keys.CHAT_QUEUE, 0, -1) == [entries[2].encode()]
 
 
 async def test_a_chat_push_sent_again_queues_nothing_twice(store: ArqRedis) -> None:
     q = ChatQueue(store)
-    entry = ChatEntry(new_chat_id(), {}, new_chat_id(), 1e12)
-    push_keys = [keys.CHAT_QUEUE, keys.chat_push("t1"), keys.chat_push("t0")]
-    args = [60, entry.encode()]
-    assert await q._push(keys=push_keys, args=args) == 1
-    assert await q._push(keys=push_keys, args=args) == 0  # redis-py's retry of the same push
+    replica = new_chat_id()
+    entry = ChatEntry(new_chat_id(), {}, replica, 1e12)
+    assert await q.push(replica, 1, [entry]) == 1
+    assert await q.push(replica, 1, [entry]) == 0  # redis-py's retry of the same push
     assert await q.length() == 1
-    # the next push drops the marker of this one (its reply came back)
-    _n, token = await q.push([entry], previous="t1")
-    assert await store.exists(keys.chat_push("t1")) == 0
-    await q.forget_push(token)
-    assert [k async for k in store.scan_iter(match="promptq:{chat}:push:*")] == []
+    assert await q.push(replica, 2, [entry]) == 1  # the next push
+    await q.forget_replica(replica)
+    assert [k async for k in store.scan_iter(match="promptq:{chat}:*")] == [
+        keys.CHAT_QUEUE.encode()
+    ]
 
 
 async def test_liveness_is_measured_on_redis_clock(store: ArqRedis) -> None:

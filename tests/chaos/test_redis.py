@@ -324,8 +324,8 @@ async def test_chat_requests_taken_by_a_lost_reply_are_handed_back(
 async def test_an_answer_moved_before_the_apis_connection_dropped_is_delivered(
     redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The API's listener moved answers into its delivery list, then lost the reply: they
-    wait there and are handed to their handlers on the next round, not lost (the client
+    """The API's listener moved an answer into its delivery list, then lost the reply: it
+    waits there and is handed to its handler on the next round, not lost (the client
     would otherwise wait for its 504)."""
     async with (
         in_process_worker(settings),
@@ -333,17 +333,17 @@ async def test_an_answer_moved_before_the_apis_connection_dropped_is_delivered(
         open_lane(p) as lane,
     ):
         queue = lane._queue
-        real_deliver = queue.deliver
+        real_wait = queue.wait_for_answer
         dropped: list[bytes] = []
 
-        async def deliver_with_a_lost_reply(replica: str, *, max_count: int) -> Any:
-            lines = await real_deliver(replica, max_count=max_count)
-            if lines and not dropped:
-                dropped.extend(lines)  # moved, reply lost
+        async def wait_with_a_lost_reply(replica: str, *, block_s: float) -> Any:
+            line = await real_wait(replica, block_s=block_s)
+            if line is not None and not dropped:
+                dropped.append(line)  # moved, reply lost
                 raise RedisConnectionError("Connection reset by peer")
-            return lines
+            return line
 
-        monkeypatch.setattr(queue, "deliver", deliver_with_a_lost_reply)
+        monkeypatch.setattr(queue, "wait_for_answer", wait_with_a_lost_reply)
         bodies = [chat_body(f"d{i}") for i in range(5)]
         answers = await asyncio.wait_for(
             asyncio.gather(*(lane.send(lane.validate(b), timeout_s=20) for b in bodies)), 15

@@ -12,8 +12,8 @@ bulk work, most of the cost of one interactive request. So ``POST
    limits as bulk requests;
 3. the worker pushes the result line to this replica's reply list
    (``promptq:{chat}:replies:<replica id>``); one listener task moves answers into
-   the replica's delivery list, hands each line to its waiting handler, then deletes
-   that list: an answer is never lost to a dropped connection.
+   the replica's delivery list as it hands each line to its waiting handler, and
+   deletes that list when idle: an answer is never lost to a dropped connection.
 
 Nothing lives only in this process: if it dies, queued entries still run and their
 answers expire with the reply list. An entry carries its handler's deadline, so
@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 MAX_GROUP = 1000
 #: the listener blocks this long for an answer, then asks again
 LISTEN_BLOCK_S = 1.0
+#: the delivery list is deleted after this many answers were handed out (or when idle)
+DELIVERED_EVERY = 256
 
 
 class LaneClosed(Exception):
@@ -55,7 +57,7 @@ class ChatLane:
         self._producer = producer
         self._queue = ChatQueue(producer.redis)
         self._health = RedisHealth()
-        self._last_push = ""  # the token of this replica's last push
+        self._pushes = 0  # this replica's pushes so far (each push carries its number)
         #: this replica's id: workers push its answers to ``keys.chat_replies(id)``
         self.replica_id = new_chat_id()
         self._queued: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]] = []
@@ -113,11 +115,10 @@ class ChatLane:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LaneClosed("the server is shutting down"))
-        if self._last_push:
-            try:
-                await self._queue.forget_push(self._last_push)
-            except Exception as exc:  # Redis gone: the marker expires on its own
-                logger.debug("could not drop the last push marker: %s", exc)
+        try:
+            await self._queue.forget_replica(self.replica_id)
+        except Exception as exc:  # Redis gone: the counter expires on its own
+            logger.debug("could not drop this replica's chat keys: %s", exc)
 
     async def _submit_loop(self) -> None:
         while True:
@@ -128,21 +129,12 @@ class ChatLane:
                 del self._queued[:MAX_GROUP]
                 if group:
                     await self._push(group)
-            if self._last_push and not self._queued:
-                # idle: the last push's marker is done with (a busy lane drops each
-                # marker with the next push instead)
-                token, self._last_push = self._last_push, ""
-                try:
-                    await self._queue.forget_push(token)
-                except Exception as exc:  # Redis trouble: the marker expires on its own
-                    logger.debug("could not drop a push marker: %s", exc)
 
     async def _push(self, group: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
             await self._producer.check_backpressure(len(group))
-            _n, self._last_push = await self._queue.push(
-                [entry for entry, _f in group], previous=self._last_push
-            )
+            self._pushes += 1
+            await self._queue.push(self.replica_id, self._pushes, [entry for entry, _f in group])
         except Exception as exc:  # queue full, Redis trouble: each handler answers it
             for _entry, future in group:
                 if not future.done():
@@ -150,24 +142,32 @@ class ChatLane:
 
     async def _listen_loop(self) -> None:
         delay = 0.1
-        ready = True  # answers may be waiting (the delivery list is read first)
+        recovering = True  # read the delivery list first: answers may wait there
+        moved = 0  # answers in the delivery list, all handed out
         while True:
             try:
-                if not ready:
-                    ready = await self._queue.wait_for_answers(
-                        self.replica_id, block_s=LISTEN_BLOCK_S
-                    )
-                    if not ready:
-                        continue
-                lines = await self._queue.deliver(self.replica_id, max_count=MAX_GROUP)
-                self._hand_out(lines)
-                if lines:
+                if recovering:
+                    self._hand_out(await self._queue.undelivered(self.replica_id))
                     await self._queue.delivered(self.replica_id)
-                ready = len(lines) > 1  # a full delivery: more may be waiting
+                    recovering, moved = False, 0
+                line = await self._queue.wait_for_answer(self.replica_id, block_s=LISTEN_BLOCK_S)
+                if line is None:  # idle: forget what was handed out
+                    if moved:
+                        await self._queue.delivered(self.replica_id)
+                        moved = 0
+                    continue
+                lines = [line]
+                if len(self._waiting) > 1:  # others wait: their answers may be there too
+                    lines += await self._queue.deliver(self.replica_id, max_count=MAX_GROUP)
+                self._hand_out(lines)
+                moved += len(lines)
+                if moved >= DELIVERED_EVERY:
+                    await self._queue.delivered(self.replica_id)
+                    moved = 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # answers wait in Redis until it is back
-                ready = True  # whatever was moved before the failure is read again
+                recovering = True  # whatever was moved before the failure is read again
                 if is_redis_outage(exc):
                     self._health.failed(exc, doing="waiting for chat answers")
                 else:

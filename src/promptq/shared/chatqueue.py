@@ -9,16 +9,18 @@ request. A chat request is one entry in ``keys.CHAT_QUEUE``:
 Every step hands an entry from one list to another, so that Redis gives it to exactly
 one party and no dropped connection loses it:
 
-1. the API pushes entries (``push``: once, even when redis-py sends the push again);
+1. the API pushes entries (``push``: once, even when redis-py sends the push again:
+   each push of a replica is numbered, and a number already seen queues nothing);
 2. a worker with a free slot blocks on ``BLMOVE`` from the queue into its own list
    (``take``): Redis wakes one worker per entry, no other worker is bothered; the entry
    stays in the worker's list until answered, so a dead worker's entries go back
    (``requeue``) and a take whose reply was lost is found there (``owned``);
 3. the worker pushes the result line to the replica's reply list and drops the entry
    from its list in one script (``reply``);
-4. the replica moves answers into its delivery list, hands them to the waiting
-   handlers, then deletes that list (``deliver`` / ``delivered``): an answer moved
-   before a dropped connection is read again, never lost.
+4. the replica moves answers into its delivery list (``BLMOVE``, ``deliver``) and hands
+   them to the waiting handlers; it deletes that list now and then (``delivered``). An
+   answer moved before a dropped connection is read again from it (``undelivered``),
+   never lost; one handed out twice finds its handler gone and is ignored.
 
 An entry whose ``deadline`` (unix seconds on Redis' clock) has passed is dropped unsent:
 its handler has already answered 504.
@@ -37,8 +39,9 @@ from arq.connections import ArqRedis
 from promptq.shared import keys, scripts
 from promptq.shared.keys import CHAT_ID_LEN, CHAT_ID_RE
 
-#: a push marker lives this long: redis-py's retries of a push come within seconds
-PUSH_MARKER_TTL_S = 60
+#: a replica's push counter lives this long after its last push (redis-py's retries of
+#: a push come within seconds; a replica that died leaves it to expire)
+PUSH_COUNTER_TTL_S = 600
 #: a chat reply list lives this long after its last answer (its replica reads it at once;
 #: a replica that died leaves it to expire)
 REPLY_TTL_S = 600
@@ -108,44 +111,49 @@ class ChatQueue:
 
     # -- the API's side ------------------------------------------------------------------
 
-    async def push(self, entries: Sequence[ChatEntry], *, previous: str = "") -> tuple[int, str]:
-        """Queue entries, exactly once. ``previous``: the token this replica's previous
-        push returned (its marker goes). Returns how many were queued and this push's
-        token (``forget_push`` it when nothing follows)."""
-        token = uuid.uuid4().hex
-        n = await self._push(
-            keys=[keys.CHAT_QUEUE, keys.chat_push(token), keys.chat_push(previous or token)],
-            args=[PUSH_MARKER_TTL_S, *(e.encode() for e in entries)],
+    async def push(self, replica: str, number: int, entries: Sequence[ChatEntry]) -> int:
+        """Queue entries, exactly once: ``number`` is this replica's push number (1, 2,
+        ...), and a push with a number already seen queues nothing. Returns how many
+        were queued."""
+        return int(
+            await self._push(
+                keys=[keys.CHAT_QUEUE, keys.chat_pushed(replica)],
+                args=[PUSH_COUNTER_TTL_S, number, *(e.encode() for e in entries)],
+            )
         )
-        return int(n), token
 
-    async def forget_push(self, token: str) -> None:
-        """Drop the marker of a replica's last push (it is shutting down)."""
-        await self.redis.delete(keys.chat_push(token))
-
-    async def wait_for_answers(self, replica: str, *, block_s: float) -> bool:
-        """Block until an answer for ``replica`` arrives (it is moved to the delivery
-        list); False after ``block_s`` without one."""
-        moved = await self.redis.blmove(
+    async def wait_for_answer(self, replica: str, *, block_s: float) -> bytes | None:
+        """Block until an answer for ``replica`` arrives; it is moved to the delivery list
+        and returned (None after ``block_s`` without one)."""
+        line: bytes | None = await self.redis.blmove(
             keys.chat_replies(replica),
             keys.chat_delivering(replica),
             block_s,  # type: ignore[arg-type]  # Redis takes seconds with decimals
             "LEFT",
             "RIGHT",
         )
-        return moved is not None
+        return line
 
     async def deliver(self, replica: str, *, max_count: int) -> list[bytes]:
-        """Answers to hand to ``replica``'s handlers: every answer moved to its delivery
-        list and not yet acknowledged, plus up to ``max_count`` more."""
+        """Move up to ``max_count`` waiting answers to the delivery list; returns them."""
         lines: list[bytes] = await self._deliver(
             keys=[keys.chat_replies(replica), keys.chat_delivering(replica)], args=[max_count]
         )
         return lines
 
+    async def undelivered(self, replica: str) -> list[bytes]:
+        """Every answer in the delivery list (after a dropped connection: some may not
+        have reached their handlers)."""
+        lines: list[bytes] = await self.redis.lrange(keys.chat_delivering(replica), 0, -1)  # type: ignore[misc]
+        return lines
+
     async def delivered(self, replica: str) -> None:
-        """Acknowledge every answer ``deliver`` returned."""
+        """Forget the delivery list: every answer in it has been handed out."""
         await self.redis.delete(keys.chat_delivering(replica))
+
+    async def forget_replica(self, replica: str) -> None:
+        """A replica shutting down: drop its push counter and delivery list."""
+        await self.redis.delete(keys.chat_pushed(replica), keys.chat_delivering(replica))
 
     # -- the workers' side ---------------------------------------------------------------
 

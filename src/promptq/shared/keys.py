@@ -119,10 +119,10 @@ def worker_chat(worker_id: str) -> str:
     return f"{PREFIX}:{{chat}}:worker:{worker_id}"
 
 
-def chat_push(token: str) -> str:
-    """String with a short TTL: marks one push of chat requests as done (a push sent
-    again after a lost reply queues nothing twice)."""
-    return f"{PREFIX}:{{chat}}:push:{token}"
+def chat_pushed(replica_id: str) -> str:
+    """String with a TTL: the number of an API replica's last push of chat requests (a
+    push sent again after a lost reply queues nothing twice)."""
+    return f"{PREFIX}:{{chat}}:pushed:{replica_id}"
 
 
 def chat_replies(replica_id: str) -> str:
@@ -131,8 +131,8 @@ def chat_replies(replica_id: str) -> str:
 
 
 def chat_delivering(replica_id: str) -> str:
-    """List: answers an API replica took from its reply list and has not yet handed to
-    their handlers (read again after a dropped connection, deleted once handed)."""
+    """List: answers an API replica took from its reply list (read again after a dropped
+    connection; deleted now and then once handed out)."""
     return f"{PREFIX}:{{chat}}:delivering:{replica_id}"
 
 

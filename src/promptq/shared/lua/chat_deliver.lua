@@ -1,9 +1,12 @@
 -- KEYS: an API replica's reply list, its delivery list.  ARGV: max count.
--- The replica takes answers in two steps, so none is lost if its connection drops:
--- answers move into the delivery list (up to N more), the whole delivery list comes
--- back (answers moved before a dropped reply included), and once handed to their
--- waiting handlers the replica deletes the delivery list (its ack).
+-- Moves up to N answers from the reply list into the delivery list and returns them
+-- (the replica hands them to their waiting handlers). The delivery list keeps them
+-- until the replica deletes it, so an answer moved before a dropped connection is read
+-- again (``LRANGE``), never lost; handing an answer out twice is harmless.
+local out = {}
 for _ = 1, tonumber(ARGV[1]) do
-  if not redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') then break end
+  local line = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+  if not line then break end
+  out[#out + 1] = line
 end
-return redis.call('LRANGE', KEYS[2], 0, -1)
+return out

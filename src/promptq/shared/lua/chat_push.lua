@@ -1,8 +1,10 @@
--- KEYS: chat queue, push marker, the previous push's marker.  ARGV: marker ttl_s, entries...
--- Queues chat requests once: the marker (one per push, named by a token) makes a push
--- that redis-py sent again after a lost reply a no-op. The previous push's marker is
--- done with (its reply came back) and goes. Returns how many were queued.
-redis.call('DEL', KEYS[3])
-if not redis.call('SET', KEYS[2], 1, 'NX', 'EX', tonumber(ARGV[1])) then return 0 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 2))
-return #ARGV - 1
+-- KEYS: chat queue, the API replica's push counter.  ARGV: counter ttl_s, push number,
+-- entries...
+-- Queues chat requests once: each push of a replica carries the next number, and a
+-- push whose number is not above the last one seen (redis-py sent it again after a lost
+-- reply) queues nothing. Returns how many were queued.
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if last >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', tonumber(ARGV[1]))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+return #ARGV - 2
