@@ -239,13 +239,18 @@ async def test_chat_push_queues_once_and_take_hands_each_entry_to_one_worker(
     answers = [Answer(first, replica, b'{"custom_id": "x"}'), Answer(more[0], replica, b"y")]
     assert await q.reply("w1", answers[:1]) == 1
     assert await q.owned("w1") == []
-    assert await q.wait_for_answer(replica, block_s=0.1) == b'{"custom_id": "x"}'
+    assert await q.wait_for_answers(replica, block_s=0.1) == [b'{"custom_id": "x"}']
     await q.reply("w2", answers[1:])
-    assert await q.deliver(replica, max_count=10) == [b"y"]
+    assert await q.wait_for_answers(replica, block_s=0.1) == [b"y"]
     # not forgotten yet: read again after a dropped connection
     assert await q.undelivered(replica) == [b'{"custom_id": "x"}', b"y"]
     await q.delivered(replica)
     assert await q.undelivered(replica) == []
+    # one flush's answers to one replica travel as one element
+    lines = [b'{"custom_id": "a"}', b'{"custom_id": "b"}']
+    await q.reply("w3", [Answer(b"e1", replica, lines[0]), Answer(b"e2", replica, lines[1])])
+    assert await q.wait_for_answers(replica, block_s=0.1) == lines
+    await q.delivered(replica)
     # a dead worker's entries go back to the front of the queue, in order
     assert await q.requeue("w2") == 1
     assert await store.lrange(keys.CHAT_QUEUE, 0, -1) == [entries[2].encode()]

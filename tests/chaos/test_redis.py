@@ -333,17 +333,17 @@ async def test_an_answer_moved_before_the_apis_connection_dropped_is_delivered(
         open_lane(p) as lane,
     ):
         queue = lane._queue
-        real_wait = queue.wait_for_answer
+        real_wait = queue.wait_for_answers
         dropped: list[bytes] = []
 
         async def wait_with_a_lost_reply(replica: str, *, block_s: float) -> Any:
-            line = await real_wait(replica, block_s=block_s)
-            if line is not None and not dropped:
-                dropped.append(line)  # moved, reply lost
+            lines = await real_wait(replica, block_s=block_s)
+            if lines and not dropped:
+                dropped.extend(lines)  # moved, reply lost
                 raise RedisConnectionError("Connection reset by peer")
-            return line
+            return lines
 
-        monkeypatch.setattr(queue, "wait_for_answer", wait_with_a_lost_reply)
+        monkeypatch.setattr(queue, "wait_for_answers", wait_with_a_lost_reply)
         bodies = [chat_body(f"d{i}") for i in range(5)]
         answers = await asyncio.wait_for(
             asyncio.gather(*(lane.send(lane.validate(b), timeout_s=20) for b in bodies)), 15

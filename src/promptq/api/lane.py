@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 MAX_GROUP = 1000
 #: the listener blocks this long for an answer, then asks again
 LISTEN_BLOCK_S = 1.0
-#: the delivery list is deleted after this many answers were handed out (or when idle)
+#: the delivery list is deleted after this many takes were handed out (or when idle)
 DELIVERED_EVERY = 256
 
 
@@ -150,17 +150,14 @@ class ChatLane:
                     self._hand_out(await self._queue.undelivered(self.replica_id))
                     await self._queue.delivered(self.replica_id)
                     recovering, moved = False, 0
-                line = await self._queue.wait_for_answer(self.replica_id, block_s=LISTEN_BLOCK_S)
-                if line is None:  # idle: forget what was handed out
+                lines = await self._queue.wait_for_answers(self.replica_id, block_s=LISTEN_BLOCK_S)
+                if not lines:  # idle: forget what was handed out
                     if moved:
                         await self._queue.delivered(self.replica_id)
                         moved = 0
                     continue
-                lines = [line]
-                if len(self._waiting) > 1:  # others wait: their answers may be there too
-                    lines += await self._queue.deliver(self.replica_id, max_count=MAX_GROUP)
                 self._hand_out(lines)
-                moved += len(lines)
+                moved += 1
                 if moved >= DELIVERED_EVERY:
                     await self._queue.delivered(self.replica_id)
                     moved = 0

@@ -15,12 +15,14 @@ one party and no dropped connection loses it:
    (``take``): Redis wakes one worker per entry, no other worker is bothered; the entry
    stays in the worker's list until answered, so a dead worker's entries go back
    (``requeue``) and a take whose reply was lost is found there (``owned``);
-3. the worker pushes the result line to the replica's reply list and drops the entry
-   from its list in one script (``reply``);
-4. the replica moves answers into its delivery list (``BLMOVE``, ``deliver``) and hands
-   them to the waiting handlers; it deletes that list now and then (``delivered``). An
-   answer moved before a dropped connection is read again from it (``undelivered``),
-   never lost; one handed out twice finds its handler gone and is ignored.
+3. the worker pushes its answers to each replica's reply list, one element per replica
+   and flush (the result lines joined by newlines), and drops the entries from its list,
+   in one script (``reply``);
+4. the replica moves an element into its delivery list (``BLMOVE``,
+   ``wait_for_answers``) and hands its lines to the waiting handlers; it deletes that
+   list now and then (``delivered``). Answers moved before a dropped connection are
+   read again from it (``undelivered``), never lost; one handed out twice finds its
+   handler gone and is ignored.
 
 An entry whose ``deadline`` (unix seconds on Redis' clock) has passed is dropped unsent:
 its handler has already answered 504.
@@ -104,7 +106,6 @@ class ChatQueue:
         self._take = scripts.register(redis, "chat_take")
         self._reply = scripts.register(redis, "chat_reply")
         self._requeue = scripts.register(redis, "chat_requeue")
-        self._deliver = scripts.register(redis, "chat_deliver")
 
     async def length(self) -> int:
         return int(await self.redis.llen(keys.CHAT_QUEUE))  # type: ignore[misc]
@@ -122,30 +123,23 @@ class ChatQueue:
             )
         )
 
-    async def wait_for_answer(self, replica: str, *, block_s: float) -> bytes | None:
-        """Block until an answer for ``replica`` arrives; it is moved to the delivery list
-        and returned (None after ``block_s`` without one)."""
-        line: bytes | None = await self.redis.blmove(
+    async def wait_for_answers(self, replica: str, *, block_s: float) -> list[bytes]:
+        """Block until answers for ``replica`` arrive (one worker's flush of them): they
+        are moved to the delivery list and returned ([] after ``block_s`` without)."""
+        element: bytes | None = await self.redis.blmove(
             keys.chat_replies(replica),
             keys.chat_delivering(replica),
             block_s,  # type: ignore[arg-type]  # Redis takes seconds with decimals
             "LEFT",
             "RIGHT",
         )
-        return line
-
-    async def deliver(self, replica: str, *, max_count: int) -> list[bytes]:
-        """Move up to ``max_count`` waiting answers to the delivery list; returns them."""
-        lines: list[bytes] = await self._deliver(
-            keys=[keys.chat_replies(replica), keys.chat_delivering(replica)], args=[max_count]
-        )
-        return lines
+        return [] if element is None else element.split(b"\n")
 
     async def undelivered(self, replica: str) -> list[bytes]:
         """Every answer in the delivery list (after a dropped connection: some may not
         have reached their handlers)."""
-        lines: list[bytes] = await self.redis.lrange(keys.chat_delivering(replica), 0, -1)  # type: ignore[misc]
-        return lines
+        elements: list[bytes] = await self.redis.lrange(keys.chat_delivering(replica), 0, -1)  # type: ignore[misc]
+        return [line for element in elements for line in element.split(b"\n")]
 
     async def delivered(self, replica: str) -> None:
         """Forget the delivery list: every answer in it has been handed out."""
@@ -184,19 +178,23 @@ class ChatQueue:
         return entries
 
     async def reply(self, worker_id: str, answers: Sequence[Answer]) -> int:
-        """Push each answer to its replica's reply list and drop its entry from the
+        """Push the answers to their replicas' reply lists (one element per replica, the
+        lines joined by newlines: JSON lines hold none) and drop their entries from the
         worker's list, in one script; returns how many lines were pushed."""
-        replicas: dict[str, int] = {}
-        args: list[Any] = [REPLY_TTL_S]
+        by_replica: dict[str, list[bytes]] = {}
         for answer in answers:
-            index = replicas.setdefault(answer.replica, len(replicas) + 2) if answer.replica else 0
-            args += [index, answer.entry, answer.line]
-        return int(
-            await self._reply(
-                keys=[keys.worker_chat(worker_id), *(keys.chat_replies(r) for r in replicas)],
-                args=args,
-            )
+            if answer.replica:
+                by_replica.setdefault(answer.replica, []).append(answer.line)
+        await self._reply(
+            keys=[keys.worker_chat(worker_id), *(keys.chat_replies(r) for r in by_replica)],
+            args=[
+                REPLY_TTL_S,
+                len(answers),
+                *(a.entry for a in answers),
+                *(b"\n".join(lines) for lines in by_replica.values()),
+            ],
         )
+        return sum(len(lines) for lines in by_replica.values())
 
     async def requeue(self, worker_id: str, entries: Sequence[bytes] | None = None) -> int:
         """Hand entries of the worker's list back to the front of the queue (``None``:

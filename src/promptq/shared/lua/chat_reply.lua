@@ -1,18 +1,13 @@
--- KEYS: the worker's chat list, reply lists...
--- ARGV: reply ttl_s, then per answer: index of its reply list in KEYS (0: none, the
--- request is only forgotten: expired or unreadable), the queue entry, the result line.
--- Answers chat requests: each line goes to its API replica's reply list and the entry
--- leaves the worker's list. Returns how many lines were pushed.
-local pushed = 0
-local touched = {}
-for i = 2, #ARGV, 3 do
-  local k = tonumber(ARGV[i])
-  redis.call('LREM', KEYS[1], 1, ARGV[i + 1])
-  if k > 0 then
-    redis.call('RPUSH', KEYS[k], ARGV[i + 2])
-    touched[k] = true
-    pushed = pushed + 1
-  end
+-- KEYS: the worker's chat list, then one reply list per API replica answered.
+-- ARGV: reply ttl_s, n, then n queue entries (each leaves the worker's list), then one
+-- payload per reply list: that replica's result lines, joined by newlines.
+-- Answers chat requests: each replica gets one element with all of its answers of this
+-- flush (so its listener takes them in one BLMOVE), and the entries are forgotten (an
+-- entry with no answer: its request expired or was unreadable). Returns 1.
+local n = tonumber(ARGV[2])
+for i = 3, 2 + n do redis.call('LREM', KEYS[1], 1, ARGV[i]) end
+for k = 2, #KEYS do
+  redis.call('RPUSH', KEYS[k], ARGV[1 + n + k])
+  redis.call('EXPIRE', KEYS[k], tonumber(ARGV[1]))
 end
-for k, _ in pairs(touched) do redis.call('EXPIRE', KEYS[k], tonumber(ARGV[1])) end
-return pushed
+return 1
