@@ -1,7 +1,7 @@
 """The ``python:`` backend: overhead per call, and how pools scale CPU-bound work.
 
 Run ``python benchmarks/bench_backends.py`` (about a minute on 2 cores; ``--quick`` for a
-smoke run). Needs no Redis for (a) and (b); (c) uses the embedded mode.
+smoke run). Needs no Redis for (a) and (b).
 
 a. Overhead per call. ``Executor`` + ``PythonBackend`` running a no-op ``def`` in a
    thread pool of 1, ``--calls`` calls with 64 outstanding, against the same function
@@ -12,8 +12,9 @@ b. Pool scaling. A CPU-bound function that holds the GIL (``examples/cpu_backend
    arithmetic, ``--work-ms`` of work per call) through a process pool of 1 and of 2,
    and a thread pool of 2: calls per second and the ratio to the pool of 1. On N cores
    a process pool of N should approach Nx; a thread pool stays near 1x (the GIL).
-c. End to end. A batch of ``--batch`` requests through the embedded queue and one
-   in-process worker with the no-op thread-pool function: requests per second.
+c. End to end. A batch of ``--batch`` requests through the embedded queue, then through
+   a real Redis (``--redis-url``, a database it FLUSHes), and one in-process worker with
+   the no-op function in a thread pool of 1: requests per second.
 
 Each measurement is repeated ``--reps`` times; the tables show the median [min-max].
 The last line printed is one JSON object with every median (for the README).
@@ -36,11 +37,11 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 
-from promptq.embedded import local_cluster  # noqa: E402
-from promptq.shared.settings import Settings  # noqa: E402
-from promptq.worker.backends.python import PythonBackend  # noqa: E402
-from promptq.worker.execute import Executor  # noqa: E402
-from promptq.worker.retry import RetryPolicy  # noqa: E402
+from promptq.embedded import local_cluster
+from promptq.shared.settings import Settings
+from promptq.worker.backends.python import PythonBackend
+from promptq.worker.execute import Executor
+from promptq.worker.retry import RetryPolicy
 
 console = Console()
 BODY: dict[str, Any] = {"model": "local", "messages": [{"role": "user", "content": "hi"}]}
@@ -55,18 +56,24 @@ async def async_noop(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def burn(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
-    """``body['work_ms']`` of GIL-holding arithmetic."""
-    deadline = time.perf_counter() + body["work_ms"] / 1000
+    """``body['steps']`` steps of GIL-holding arithmetic (a fixed amount of work)."""
     x = 0
-    while time.perf_counter() < deadline:
-        for i in range(1000):
-            x = (x * 1103515245 + 12345 + i) & 0x7FFFFFFF
+    for i in range(body["steps"]):
+        x = (x * 1103515245 + 12345 + i) & 0x7FFFFFFF
     return {"x": x}
 
 
-def backend(function: Callable[..., Any], *, threads: int = 1, processes: int | None = None) -> (
-    PythonBackend
-):
+def steps_for(work_ms: float) -> int:
+    """Steps of ``burn`` that take about ``work_ms`` on one core, alone."""
+    steps = 100_000
+    start = time.perf_counter()
+    burn("", {"steps": steps})
+    return int(steps * work_ms / 1000 / (time.perf_counter() - start))
+
+
+def backend(
+    function: Callable[..., Any], *, threads: int = 1, processes: int | None = None
+) -> PythonBackend:
     return PythonBackend(
         function,
         module_name=__name__ if __name__ != "__main__" else "bench_backends",
@@ -105,9 +112,13 @@ async def measure(
         return await through(executor, calls, outstanding, body)
 
 
-async def end_to_end(n: int) -> float:
+async def end_to_end(n: int, redis_url: str | None) -> float:
     settings = Settings(
-        backend="python:bench_backends:noop", backend_threads=1, concurrency=64, model="local"
+        backend="python:bench_backends:noop",
+        backend_threads=1,
+        concurrency=64,
+        model="local",
+        redis_url=redis_url,
     )
     async with local_cluster(settings, workers=1) as producer:
         batch = await producer.submit([f"p{i}" for i in range(n)])
@@ -140,9 +151,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ("def, process pool of 1", lambda: backend(noop, processes=1)),
     ]:
         n = calls if "process" not in label else max(calls // 5, 200)
-        per_call = [
-            (await measure(make, n, 64, BODY)) / n * 1e6 - med(direct) for _ in range(reps)
-        ]
+        per_call = [(await measure(make, n, 64, BODY)) / n * 1e6 - med(direct) for _ in range(reps)]
         rows.append((label, per_call))
         out[f"a_overhead_us[{label}]"] = round(med(per_call), 1)
     table = Table(title=f"a. overhead per call beyond the function (µs), {calls:,} calls")
@@ -154,7 +163,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     console.print(table)
 
     # b. pool scaling
-    work = {**BODY, "work_ms": args.work_ms}
+    work = {**BODY, "steps": steps_for(args.work_ms)}
     n = args.cpu_calls
     results: dict[str, list[float]] = {}
     for label, make in [
@@ -174,13 +183,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     console.print(table)
 
     # c. end to end
-    rps = await repeat(reps, lambda: end_to_end(args.batch))
-    out["c_embedded_noop_rps"] = round(med(rps), 1)
-    console.print(
-        f"c. {args.batch:,} requests, embedded queue, 1 worker, no-op thread-pool function: "
-        f"{spread(rps, ',.0f')} req/s"
-    )
+    for label, url in [("embedded", None), ("redis", args.redis_url)]:
+        if label == "redis":
+            await flush(url)
+        rps = await repeat(reps, lambda u=url: end_to_end(args.batch, u))  # type: ignore[misc]
+        out[f"c_{label}_noop_rps"] = round(med(rps), 1)
+        console.print(
+            f"c. {args.batch:,} requests, {label} queue, 1 in-process worker, no-op function "
+            f"in a thread pool of 1: {spread(rps, ',.0f')} req/s"
+        )
+        if label == "redis":
+            await flush(url)
     return out
+
+
+async def flush(url: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(url)
+    await client.flushdb()
+    await client.aclose()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -190,6 +212,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu-calls", type=int, default=40, help="calls in (b)")
     parser.add_argument("--work-ms", type=float, default=50.0, help="work per call in (b)")
     parser.add_argument("--batch", type=int, default=5_000, help="requests in (c)")
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/9", help="(c): a database it FLUSHes"
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 rep, few calls")
     args = parser.parse_args(argv)
     if args.quick:
