@@ -15,9 +15,10 @@ Raising ``promptq.BackendError(message, status_code=, code=, retryable=)`` recor
 error (retried when ``retryable``); any other exception is code ``backend_error`` with
 its message, not retried. ``PROMPTQ_TIMEOUT_S`` bounds each attempt: an ``async def``
 is cancelled, a pool's call is abandoned (it finishes in the background, its answer
-unused). With a pool of N, the worker takes up to 2 x N requests at a time: one running
-and one waiting per thread or process, so the pool never idles while the next claim is
-on the wire, and no worker hoards work another could run.
+unused). With a pool, the worker takes no more requests at a time than the pool has
+threads or processes, so no request waits inside the worker (its timeout running)
+while another worker could run it. For a function that takes well under a millisecond,
+claims then dominate: make it ``async def``, or give it more threads.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ from promptq.worker.backends import NO_HEADERS, Attempt
 
 PREFIX = "python:"
 _ERROR_TYPE = "backend_error"
-#: a pool of N takes up to PREFETCH x N requests at a time
-PREFETCH = 2
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -127,9 +126,9 @@ class PythonBackend:
         if self.is_async:
             self.parallelism: int | None = None
         else:
-            # one request waiting per thread or process keeps the pool busy while the
-            # next claim is on the wire, without hoarding work other workers could run
-            self.parallelism = PREFETCH * (processes or threads)
+            # no request waits inside the worker for a thread (its timeout would run
+            # while it waits, and another worker could have run it)
+            self.parallelism = processes or threads
 
     @classmethod
     def from_spec(
