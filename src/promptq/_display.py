@@ -3,6 +3,7 @@ what scripts read (ids, JSON)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,8 +25,19 @@ from rich.table import Table
 
 from promptq.shared.models import BatchInfo, BatchStats
 
-err_console = Console(stderr=True)
-out_console = Console()
+
+def _console(*, stderr: bool) -> Console:
+    # Not a terminal (a pipe, a log file): rich would cut every line to 80 columns
+    # ("vm-165…"); let lines be as long as they are instead.
+    stream = sys.stderr if stderr else sys.stdout
+    interactive = hasattr(stream, "isatty") and stream.isatty()
+    return Console(stderr=stderr, width=None if interactive else NON_TTY_WIDTH)
+
+
+#: the line width when output goes to a file or a pipe
+NON_TTY_WIDTH = 400
+err_console = _console(stderr=True)
+out_console = _console(stderr=False)
 
 
 class BatchProgress:
@@ -36,15 +48,21 @@ class BatchProgress:
         self._task = task
         self._start = time.monotonic()
 
-    def update(self, *, done: int, total: int, failed: int, retries: int = 0) -> None:
-        elapsed = max(time.monotonic() - self._start, 1e-9)
+    def update(
+        self,
+        *,
+        done: int,
+        total: int,
+        failed: int,
+        retries: int = 0,
+        elapsed_s: float | None = None,
+    ) -> None:
+        """``elapsed_s``: how long the batch has run (default: since this bar started);
+        the rate is done / elapsed, shown once a second has passed."""
+        elapsed = time.monotonic() - self._start if elapsed_s is None else elapsed_s
+        rate = f"{done / elapsed:,.0f} req/s" if elapsed >= 1.0 else ""
         self._progress.update(
-            self._task,
-            completed=done,
-            total=total,
-            failed=failed,
-            retries=retries,
-            rate=f"{done / elapsed:,.0f} req/s",
+            self._task, completed=done, total=total, failed=failed, retries=retries, rate=rate
         )
 
 
@@ -112,12 +130,13 @@ def stats_table(stats: BatchStats, *, title: str = "Statistics") -> Table:
     return table
 
 
-def workers_table(workers: Sequence[Mapping[str, Any]]) -> Table:
+def workers_table(workers: Sequence[Mapping[str, Any]], *, now: float) -> Table:
+    """Live workers' heartbeats; ``now``: Redis' clock, which their beats are on."""
     table = Table(title=f"{len(workers)} live worker(s)", title_justify="left")
     for column in ("worker", "host", "pid", "slots", "in flight", "done", "failed", "retries"):
         table.add_column(column, justify="left" if column in ("worker", "host") else "right")
     table.add_column("last beat", justify="right")
-    now = time.time()
+    table.add_column("upstream / backend")
     for w in workers:
         table.add_row(
             str(w.get("id")),
@@ -128,6 +147,7 @@ def workers_table(workers: Sequence[Mapping[str, Any]]) -> Table:
             str(w.get("done")),
             str(w.get("failed")),
             str(w.get("retries")),
-            f"{now - float(w.get('last_beat') or now):.1f} s ago",
+            f"{max(now - float(w.get('last_beat') or now), 0):.1f} s ago",
+            str(w.get("upstream")),
         )
     return table

@@ -1,4 +1,4 @@
-"""What ``promptq demo``, ``run``, ``watch`` and ``workers`` do, behind the CLI."""
+"""What ``promptq demo``, ``run``, ``results``, ``watch`` and ``workers`` do, behind the CLI."""
 
 from __future__ import annotations
 
@@ -15,12 +15,15 @@ from typing import Any
 
 import orjson
 
+from promptq import _checkpoint
 from promptq import _display as display
-from promptq._outputs import ResultFiles
+from promptq._outputs import STDIO, InOrder, ResultFiles, check_writable
 from promptq.embedded import local_cluster
-from promptq.producer import Batch, Producer, parse_file
+from promptq.producer import Batch, ParsedBatch, Producer, parse_file
+from promptq.producer.parsing import parse_jsonl
 from promptq.shared.connection import connect
 from promptq.shared.errors import BatchNotFound
+from promptq.shared.models import BatchInfo
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings, redact_url
 from promptq.shared.status import Status
@@ -30,11 +33,33 @@ logger = logging.getLogger(__name__)
 #: how long `run` lets its worker processes drain before killing them
 WORKER_STOP_S = 15.0
 
+ORDERS = ("completion", "input")
+
+
+def read_input(path: Path, *, settings: Settings) -> ParsedBatch:
+    """Validate a JSONL file whole (``-``: standard input)."""
+    if str(path) != STDIO:
+        return parse_file(path, settings=settings)
+    data = sys.stdin.buffer.read(settings.max_file_bytes + 1)
+    return parse_jsonl(
+        data,
+        source="<stdin>",
+        default_model=settings.model,
+        max_lines=settings.max_lines,
+        max_bytes=settings.max_file_bytes,
+    )
+
 
 async def follow(
-    batch: Batch, files: ResultFiles | None, *, total: int, label: str
+    batch: Batch,
+    files: ResultFiles | None,
+    *,
+    total: int,
+    label: str,
+    order: InOrder | None = None,
 ) -> tuple[int, int, float]:
-    """Stream a batch's results with a progress bar; returns (ok, failed, sum latency s)."""
+    """Stream a batch's results with a progress bar; returns (ok, failed, sum latency s).
+    With ``order``, lines are written in input order (each waits for those before it)."""
     ok = failed = retries = 0
     latency_s = 0.0
     with display.batch_progress(label, total=total) as bar:
@@ -47,9 +72,23 @@ async def follow(
             retries += max(int(result.get("attempts") or 0) - 1, 0)
             latency_s += float(result.get("latency_ms") or 0) / 1000
             if files is not None:
-                files.write(raw)
+                for line in [raw] if order is None else order.add(result["custom_id"], raw):
+                    files.write(line)
+                files.flush()  # the file is the checkpoint: whole lines, as they come
             bar.update(done=ok + failed, total=total, failed=failed, retries=retries)
+    if files is not None and order is not None:
+        for line in order.rest():
+            files.write(line)
     return ok, failed, latency_s
+
+
+class _InjectedFaults(logging.Filter):
+    """The demo's mock injects 429s and 500s on purpose: say so where promptq logs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            record.msg = f"{record.msg} (a fault the demo's mock injects on purpose)"
+        return True
 
 
 async def run_demo(
@@ -67,38 +106,50 @@ async def run_demo(
     config = MockConfig(
         latency_ms=latency_ms, jitter_ms=jitter_ms, error_rate=error_rate, rate_429=rate_429
     )
-    async with MockServer(config) as mock:
-        settings = settings.model_copy(update={"upstream_url": mock.url, "model": "mock-gpt"})
-        where = (
-            redact_url(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
-        )
-        display.err_console.print(
-            f"[bold]promptq demo[/bold]: {n:,} prompts -> mock upstream at {mock.url} "
-            f"({latency_ms:g} ms + up to {jitter_ms:g} ms jitter, {error_rate:.0%} 500s, "
-            f"{rate_429:.0%} 429s)\n{workers} worker(s) x {settings.concurrency} slots, "
-            f"queue: {where}"
-        )
-        prompts = [
-            {"custom_id": f"demo-{i}", "prompt": f"Write a haiku about the number {i}."}
-            for i in range(n)
-        ]
-        async with local_cluster(settings, workers=workers) as producer:
-            batch = await producer.submit(prompts)
-            _, _, latency_s = await follow(batch, None, total=n, label="demo")
-            stats = await batch.wait()
-            sample = [r async for r in batch.results()][:3]
-        display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
-        for result in sample:
-            display.out_console.print(f"  {result.custom_id}: {result.content!r}", highlight=False)
-        speedup = latency_s / stats.wall_s if stats.wall_s else 0.0
-        display.out_console.print(
-            f"\nOne request at a time this would take about [bold]{latency_s:,.1f} s[/bold] "
-            f"(the sum of the latencies); promptq took [bold]{stats.wall_s:,.2f} s[/bold]: "
-            f"[bold green]{speedup:,.0f}x faster[/bold green]. "
-            f"The upstream saw {mock.stats.requests:,} calls for {n:,} prompts "
-            "(the rest were retries).",
-            highlight=False,
-        )
+    injected = _InjectedFaults()
+    limiter_log = logging.getLogger("promptq.shared.ratelimit")
+    limiter_log.addFilter(injected)
+    try:
+        async with MockServer(config) as mock:
+            await _demo(settings, mock, n=n, workers=workers, config=config)
+    finally:
+        limiter_log.removeFilter(injected)
+
+
+async def _demo(settings: Settings, mock: Any, *, n: int, workers: int, config: Any) -> None:
+    settings = settings.model_copy(update={"upstream_url": mock.url, "model": "mock-gpt"})
+    where = redact_url(settings.redis_url) if settings.redis_url else "embedded in-process Redis"
+    display.err_console.print(
+        f"[bold]promptq demo[/bold]: {n:,} prompts -> mock upstream at {mock.url} "
+        f"({config.latency_ms:g} ms + up to {config.jitter_ms:g} ms jitter; it injects "
+        f"{config.error_rate:.0%} 500s and {config.rate_429:.0%} 429s on purpose, to show "
+        f"retries)\n{workers} worker(s) x {settings.concurrency} slots, queue: {where}",
+        highlight=False,
+    )
+    prompts = [
+        {"custom_id": f"demo-{i}", "prompt": f"Write a haiku about the number {i}."}
+        for i in range(n)
+    ]
+    async with local_cluster(settings, workers=workers) as producer:
+        batch = await producer.submit(prompts)
+        _, _, latency_s = await follow(batch, None, total=n, label="demo")
+        stats = await batch.wait()
+        sample = sorted(
+            [r async for r in batch.results() if r.ok],
+            key=lambda r: int(r.custom_id.rpartition("-")[2]),
+        )[:3]
+    display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
+    for result in sample:
+        display.out_console.print(f"  {result.custom_id}: {result.content!r}", highlight=False)
+    speedup = latency_s / stats.wall_s if stats.wall_s else 0.0
+    display.out_console.print(
+        f"\nOne request at a time this would take about [bold]{latency_s:,.1f} s[/bold] "
+        f"(the sum of the latencies); promptq took [bold]{stats.wall_s:,.2f} s[/bold]: "
+        f"[bold green]{speedup:,.0f}x faster[/bold green]. "
+        f"The upstream saw {mock.stats.requests:,} calls for {n:,} prompts "
+        "(the rest were retries).",
+        highlight=False,
+    )
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -163,14 +214,80 @@ async def run_batch(
     batch_id: str | None,
     priority: str = "bulk",
     max_failure_rate: float | None = None,
+    order: str = "completion",
+    restart: bool = False,
 ) -> int:
     """Validate, enqueue, process and write one batch; return the number of failures.
 
     With Redis and a ``batch_id`` that exists (a run that crashed, same input), the
     batch is resumed: nothing is enqueued twice, and every result, those finished
     before included, is written. Other requests under that id: ``BatchError``.
+    In the embedded mode the output files are the checkpoint (``_checkpoint``).
     """
-    parsed = parse_file(input_path, settings=settings)  # bad input: exit before any setup
+    check_writable(output, option="-o")
+    check_writable(errors_out, option="--errors-out")
+    parsed = read_input(input_path, settings=settings)  # bad input: exit before any setup
+    total = len(parsed.requests)
+    embedded = settings.redis_url is None
+    append = False
+    if embedded and str(output) != STDIO:
+        taken = _checkpoint.take_up(parsed, output=output, source=str(input_path), restart=restart)
+        if taken.resumed:
+            if not taken.todo.requests:
+                with ResultFiles(output, errors_out, append=True):
+                    pass
+                display.err_console.print(
+                    f"nothing to send: all {total:,} requests already have a result in "
+                    f"{output} (--restart runs them again)"
+                )
+                return 0
+            display.err_console.print(
+                f"resuming: {taken.done:,} of {total:,} requests already have a result in "
+                f"{output}; sending the other {len(taken.todo.requests):,}"
+            )
+            parsed, append = taken.todo, True
+    try:
+        return await _run(
+            settings,
+            parsed,
+            output=output,
+            errors_out=errors_out,
+            workers=workers,
+            batch_id=batch_id,
+            priority=priority,
+            max_failure_rate=max_failure_rate,
+            order=order,
+            append=append,
+        )
+    except asyncio.CancelledError:
+        if embedded and str(output) != STDIO:
+            hint = (
+                f"run the same command again to send only the requests without a result in {output}"
+            )
+        elif batch_id is not None:
+            hint = "run the same command again to pick the batch up where it is"
+        else:
+            hint = (
+                "the batch goes on in Redis: follow it with `promptq watch ID`, or add "
+                "--batch-id to make a run resumable"
+            )
+        display.err_console.print(f"[yellow]interrupted:[/yellow] {hint}", highlight=False)
+        raise
+
+
+async def _run(
+    settings: Settings,
+    parsed: ParsedBatch,
+    *,
+    output: Path,
+    errors_out: Path,
+    workers: int,
+    batch_id: str | None,
+    priority: str,
+    max_failure_rate: float | None,
+    order: str,
+    append: bool,
+) -> int:
     total = len(parsed.requests)
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
@@ -207,11 +324,14 @@ async def run_batch(
             )
         else:
             display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")
-        with ResultFiles(output, errors_out) as files:
-            await follow(batch, files, total=total, label=batch.id[:20])
+        in_order = InOrder(r.custom_id for r in parsed.requests) if order == "input" else None
+        with ResultFiles(output, errors_out, append=append) as files:
+            await follow(batch, files, total=total, label=batch.id[:20], order=in_order)
         stats = await batch.wait()
         final = await batch.info(with_stats=False)
-    display.out_console.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
+    # results on standard output: keep it for them
+    tables = display.err_console if str(output) == STDIO else display.out_console
+    tables.print(display.stats_table(stats, title=f"Statistics of {batch.id}"))
     if final.reason:
         display.err_console.print(f"[red]batch {final.status.value}:[/red] {final.reason}")
     display.err_console.print(
@@ -220,14 +340,30 @@ async def run_batch(
     return files.failed
 
 
-async def watch_batch(settings: Settings, batch_id: str) -> None:
+def batch_exit_code(info: BatchInfo) -> int:
+    """``status`` / ``watch``: 1 for a batch that failed or has failed requests, else 0."""
+    return 1 if info.status is Status.FAILED or info.failed else 0
+
+
+async def watch_batch(settings: Settings, batch_id: str) -> int:
+    """A live bar until the batch ends; returns the exit code (``batch_exit_code``)."""
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         batch = producer.batch(batch_id)
         info = await batch.info()
+        seconds, micros = await producer.redis.time()
+        offset_s = seconds + micros / 1e6 - time.time()  # Redis' clock, which stamps batches
         with display.batch_progress(batch_id[:20], total=info.total) as bar:
             while True:
+                started = info.in_progress_at or info.created_at
+                elapsed = time.time() + offset_s - started if started else None
+                if info.status.terminal and info.completed_at and started:
+                    elapsed = info.completed_at - started
                 bar.update(
-                    done=info.done, total=info.total, failed=info.failed, retries=info.retries
+                    done=info.done,
+                    total=info.total,
+                    failed=info.failed,
+                    retries=info.retries,
+                    elapsed_s=elapsed,
                 )
                 if info.status.terminal:
                     break
@@ -236,11 +372,54 @@ async def watch_batch(settings: Settings, batch_id: str) -> None:
     display.out_console.print(display.batch_table(info))
     if info.stats:
         display.out_console.print(display.stats_table(info.stats))
+    return batch_exit_code(info)
 
 
-async def list_workers(settings: Settings) -> list[dict[str, Any]]:
+async def export_results(
+    settings: Settings,
+    batch_id: str,
+    *,
+    output: Path,
+    errors_out: Path,
+    follow_batch: bool,
+    order: str,
+) -> None:
+    """``promptq results``: write a batch's lines (now, or as they finish)."""
+    check_writable(output, option="-o")
+    check_writable(errors_out, option="--errors-out")
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+        batch = p.batch(batch_id)
+        info = await batch.info(with_stats=False)
+        with ResultFiles(output, errors_out) as files:
+            if order == "input" and not follow_batch:
+                async for raw in batch.results_in_input_order():
+                    files.write(raw)
+            elif order == "input":
+                ids = [cid async for cid in batch.input_order()]
+                await follow(batch, files, total=info.total, label=batch_id[:20],
+                             order=InOrder(ids))  # fmt: skip
+            elif follow_batch:
+                await follow(batch, files, total=info.total, label=batch_id[:20])
+            else:
+                async for raw in batch.raw_results():
+                    files.write(raw)
+        if not follow_batch and not info.status.terminal:
+            display.err_console.print(
+                f"[yellow]batch is {info.status.value}:[/yellow] wrote the "
+                f"{files.written:,} result(s) so far of {info.total:,}; "
+                "use --follow to wait for the rest"
+            )
+    display.err_console.print(
+        f"{files.ok:,} succeeded -> {output}, {files.failed:,} failed -> {errors_out}"
+    )
+
+
+async def list_workers(settings: Settings) -> tuple[list[dict[str, Any]], float]:
+    """Live workers (typed heartbeats) and Redis' clock now."""
     redis = await connect(settings.redis_url_or_default, wait_s=settings.redis_connect_wait_s)
     try:
-        return await WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s).live()
+        workers = await WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s).live()
+        seconds, micros = await redis.time()
+        return workers, seconds + micros / 1e6
     finally:
         await redis.aclose()

@@ -1,8 +1,9 @@
 """The ``promptq`` command.
 
 Configuration comes from ``PROMPTQ_*`` environment variables (see ``promptq --help``);
-flags override them. Exit codes: 0 success, 1 the batch finished with failed requests
-(``run``) or an operational error (Redis unreachable), 2 bad input or usage.
+flags override them. Exit codes: 0 success; 1 the batch finished with failed requests
+(``run``, ``watch``, ``status``) or an operational error (Redis unreachable); 2 bad
+input or usage, with a message that names the file, line and field (or the flag).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import orjson
 from pydantic import ValidationError
 
 from promptq import _display as display
-from promptq._outputs import ResultFiles, default_errors_path
+from promptq._outputs import default_errors_path
 from promptq.shared.errors import (
     BatchError,
     BatchNotFound,
+    ConfigError,
     InputError,
     PromptqError,
     QueueFull,
@@ -35,6 +37,7 @@ T = TypeVar("T")
 
 EXIT_FAILED_REQUESTS = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 CONFIG_HELP = """
 \b
@@ -47,7 +50,14 @@ Configuration (environment; flags override):
   PROMPTQ_CONCURRENCY    in-flight upstream requests per worker process (default 64)
   PROMPTQ_MAX_ATTEMPTS   attempts per request, first included (default 5)
   PROMPTQ_TIMEOUT_S      per-attempt upstream timeout in seconds (default 60)
+  PROMPTQ_BACKEND        openai (default) or python:MODULE:FUNCTION (workers)
+\b
+Exit codes: 0 success; 1 failed requests (run, watch, status) or Redis unreachable;
+2 bad input or usage; 130 interrupted.
 """
+
+#: commands whose log lines go above a live progress bar (the others log plain lines)
+_INTERACTIVE = frozenset({"demo", "run", "watch", "results"})
 
 
 def _fail(message: str, code: int) -> None:
@@ -63,47 +73,70 @@ def _run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T | N
         try:
             return asyncio.run(fn(*args, **kwargs))
         except InputError as exc:
-            print(exc.render(limit=50), file=sys.stderr)
+            display.err_console.print(exc.render(limit=50), highlight=False, markup=False)
             sys.exit(EXIT_USAGE)
-        except (BatchNotFound, BatchError, QueueFull) as exc:
+        except (BatchNotFound, BatchError, QueueFull, ConfigError) as exc:
             _fail(str(exc), EXIT_USAGE)
         except RedisUnavailable as exc:
             _fail(str(exc), 1)
         except PromptqError as exc:
             _fail(str(exc), 1)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", EXIT_INTERRUPTED)
         return None
 
     return wrapper
 
 
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
 def _settings(ctx: click.Context, **overrides: Any) -> Settings:
-    merged = {**ctx.obj, **{k: v for k, v in overrides.items() if v is not None}}
+    """Settings from the environment, with the flags given (``None``: not given) on top.
+    A bad value is a usage error that names the flag, or the variable it came from."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**ctx.obj, **given}
     try:
         return Settings(**merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"PROMPTQ_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors()
-        )
-        _fail(f"invalid configuration: {problems}", EXIT_USAGE)
+        problems = []
+        for e in exc.errors():
+            field = str(e["loc"][0]) if e["loc"] else ""
+            where = _flag(field) if field in merged else f"PROMPTQ_{field.upper()}"
+            problems.append(f"{where}: {e['msg']}")
+        _fail(f"invalid configuration: {'; '.join(problems)}", EXIT_USAGE)
         raise AssertionError("unreachable") from exc
 
 
+def _redis_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    """--redis-url on a command (also accepted before the command name)."""
+    return click.option(
+        "--redis-url", metavar="URL", help="Redis URL (overrides PROMPTQ_REDIS_URL)."
+    )(command)
+
+
 def _result_files_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """-o/--output and --errors-out, shared by the commands that write results."""
+    """-o/--output, --errors-out and --order, shared by the commands that write results."""
+    command = click.option(
+        "--order",
+        type=click.Choice(["completion", "input"]),
+        default="completion",
+        show_default=True,
+        help="Line order: as requests finished, or as they were in the input.",
+    )(command)
     command = click.option(
         "--errors-out",
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="Where failed result lines go [default: OUTPUT with .errors.jsonl].",
+        type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+        help="Where failed result lines go [default: OUTPUT with .errors.jsonl; with -o -, "
+        "standard output too].",
     )(command)
     return click.option(
         "-o",
         "--output",
         required=True,
-        type=click.Path(dir_okay=False, path_type=Path),
-        help="Where successful result lines go (JSONL).",
+        type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+        help="Where successful result lines go (JSONL; - for standard output).",
     )(command)
 
 
@@ -124,6 +157,34 @@ def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _input_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument(
+        "input_path",
+        metavar="INPUT",
+        type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+    )(command)
+
+
+def _setup_logging(level: str, *, interactive: bool) -> None:
+    if interactive:
+        from rich.logging import RichHandler
+
+        # above the live progress bar, not through it
+        handler: logging.Handler = RichHandler(
+            console=display.err_console, show_time=False, show_path=False, markup=False
+        )
+        logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+    else:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    if level != "DEBUG":
+        # arq logs every job start and end at INFO
+        logging.getLogger("arq").setLevel(logging.WARNING)
+
+
 @click.group(epilog=CONFIG_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--redis-url", metavar="URL", help="Redis URL (overrides PROMPTQ_REDIS_URL).", default=None
@@ -132,7 +193,8 @@ def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--log-level",
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
     default=None,
-    help="Log verbosity, to stderr [default: INFO for worker and mock-llm, WARNING otherwise].",
+    help="Log verbosity, to stderr [default: INFO for worker, serve and mock-llm, WARNING "
+    "otherwise].",
 )
 @click.version_option(package_name="promptq")
 @click.pass_context
@@ -143,16 +205,11 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str | None) -> No
     `promptq submit prompts.jsonl`, then `promptq watch ID` and `promptq results ID -o out.jsonl`;
     or everything in one step with `promptq run prompts.jsonl -o out.jsonl`.
     """
+    command = ctx.invoked_subcommand
     if log_level is None:
-        log_level = "INFO" if ctx.invoked_subcommand in ("worker", "mock-llm") else "WARNING"
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if log_level.upper() != "DEBUG":
-        # arq logs every job start and end at INFO: thousands of lines a minute here.
-        logging.getLogger("arq").setLevel(logging.WARNING)
+        log_level = "INFO" if command in ("worker", "serve", "mock-llm") else "WARNING"
+    live = command in _INTERACTIVE and sys.stderr.isatty()
+    _setup_logging(log_level.upper(), interactive=live)
     ctx.obj = {"redis_url": redis_url} if redis_url else {}
 
 
@@ -160,19 +217,32 @@ def main(ctx: click.Context, redis_url: str | None, log_level: str | None) -> No
 
 
 @main.command()
-@click.option("-n", "--requests", "n", default=300, show_default=True, help="Prompts to run.")
 @click.option(
-    "--latency-ms", default=300.0, show_default=True, help="Mock upstream latency per request."
-)
-@click.option("--jitter-ms", default=200.0, show_default=True, help="Plus uniform(0, jitter).")
+    "-n", "--requests", "n", type=click.IntRange(min=1), default=300, show_default=True,
+    help="Prompts to run.",
+)  # fmt: skip
 @click.option(
-    "--error-rate", default=0.03, show_default=True, help="Fraction of 500s the mock injects."
-)
+    "--latency-ms", type=click.FloatRange(min=0), default=300.0, show_default=True,
+    help="Mock upstream latency per request.",
+)  # fmt: skip
 @click.option(
-    "--rate-429", default=0.03, show_default=True, help="Fraction of 429s the mock injects."
-)
-@click.option("--workers", default=2, show_default=True, help="In-process workers.")
+    "--jitter-ms", type=click.FloatRange(min=0), default=200.0, show_default=True,
+    help="Plus uniform(0, jitter).",
+)  # fmt: skip
+@click.option(
+    "--error-rate", type=click.FloatRange(0, 1), default=0.03, show_default=True,
+    help="Fraction of 500s the mock injects.",
+)  # fmt: skip
+@click.option(
+    "--rate-429", type=click.FloatRange(0, 1), default=0.03, show_default=True,
+    help="Fraction of 429s the mock injects.",
+)  # fmt: skip
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True,
+    help="In-process workers.",
+)  # fmt: skip
 @click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
+@_redis_option
 @click.pass_context
 def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **opts: Any) -> None:
     """Zero-setup showcase: mock upstream + queue + workers in one process.
@@ -184,17 +254,15 @@ def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **o
     """
     from promptq._runner import run_demo
 
-    if n < 1:
-        _fail("--requests must be at least 1", EXIT_USAGE)
-    settings = _settings(ctx, concurrency=opts.pop("concurrency"))
+    settings = _settings(ctx, concurrency=opts.pop("concurrency"), redis_url=opts.pop("redis_url"))
     _run_async(run_demo)(settings, n=n, latency_ms=latency_ms, jitter_ms=jitter_ms, **opts)
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@_input_argument
 @_result_files_options
 @click.option(
-    "--workers", type=int, default=2, show_default=True,
+    "--workers", type=click.IntRange(min=0), default=2, show_default=True,
     help="Local worker processes to start (with PROMPTQ_REDIS_URL; 0 = use running workers). "
     "In embedded mode: in-process workers.",
 )  # fmt: skip
@@ -203,10 +271,18 @@ def demo(ctx: click.Context, /, n: int, latency_ms: float, jitter_ms: float, **o
     help="Batch id (default: generated). With PROMPTQ_REDIS_URL, an existing batch with "
     "this id and the same input is resumed (after a crash): nothing is sent twice.",
 )
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Embedded mode: ignore the results already in OUTPUT and run every request again "
+    "(by default a run of the same input to the same OUTPUT sends only what has no result).",
+)
 @_batch_policy_options
 @click.option("--concurrency", type=int, help="Slots per worker (PROMPTQ_CONCURRENCY).")
 @click.option("--upstream-url", help="Upstream base URL (PROMPTQ_UPSTREAM_URL).")
 @click.option("--model", help="Default model (PROMPTQ_MODEL).")
+@click.option("--backend", metavar="SPEC", help="Workers' backend (PROMPTQ_BACKEND).")
+@_redis_option
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -214,16 +290,19 @@ def run(
     input_path: Path,
     output: Path,
     errors_out: Path | None,
+    order: str,
     workers: int,
     batch_id: str | None,
+    restart: bool,
     priority: str,
     max_failure_rate: float | None,
     **overrides: Any,
 ) -> None:
     """Run one batch end to end: validate, enqueue, process, write results.
 
-    Exits 0 when every request succeeded, 1 when some failed (they are in the errors
-    file), 2 on bad input (nothing is enqueued).
+    INPUT is a JSONL file (- for standard input). Exits 0 when every request succeeded,
+    1 when some failed (they are in the errors file), 2 on bad input (nothing is
+    enqueued), 130 when interrupted (then it says how to resume).
     """
     from promptq._runner import run_batch
 
@@ -237,6 +316,8 @@ def run(
         batch_id=batch_id,
         priority=priority,
         max_failure_rate=max_failure_rate,
+        order=order,
+        restart=restart,
     )
     sys.exit(EXIT_FAILED_REQUESTS if failed else 0)
 
@@ -245,9 +326,10 @@ def run(
 
 
 @main.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, path_type=Path))
+@_input_argument
 @click.option("--batch-id", help="Batch id (default: generated). Letters, digits, _ and -.")
 @_batch_policy_options
+@_redis_option
 @click.pass_context
 def submit(
     ctx: click.Context,
@@ -255,15 +337,18 @@ def submit(
     batch_id: str | None,
     priority: str,
     max_failure_rate: float | None,
+    redis_url: str | None,
 ) -> None:
-    """Validate INPUT and enqueue it; print the batch id (only the id) on stdout."""
+    """Validate INPUT (- for standard input) and enqueue it; print the batch id (only the
+    id) on stdout."""
+    from promptq._runner import read_input
     from promptq.producer import Producer
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, redis_url=redis_url)
 
     async def go() -> None:
+        parsed = read_input(input_path, settings=settings)  # validate before touching Redis
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
-            parsed = p.parse_file(input_path)  # validate before touching Redis
             batch = await p.submit(
                 parsed, batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate
             )
@@ -293,6 +378,7 @@ def submit(
     help="python: backend, plain def: run it in a pool of N processes instead "
     "(CPU-bound code that holds the GIL).",
 )
+@_redis_option
 @click.pass_context
 def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
     """Run one worker process until SIGINT/SIGTERM.
@@ -301,7 +387,6 @@ def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
     PROMPTQ_SHUTDOWN_GRACE_S (10 s; a second signal cuts it short), and hands the rest
     back to the queue. Start as many as you like, on any machine.
     """
-    from promptq.shared.errors import ConfigError
     from promptq.worker import backends, run_worker
 
     settings = _settings(ctx, **overrides)
@@ -326,75 +411,79 @@ def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
 @main.command()
 @click.argument("batch_id")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (for scripts).")
+@_redis_option
 @click.pass_context
-def status(ctx: click.Context, batch_id: str, as_json: bool) -> None:
-    """Counts and statistics of a batch."""
+def status(ctx: click.Context, batch_id: str, as_json: bool, redis_url: str | None) -> None:
+    """Counts and statistics of a batch.
+
+    Exits 0, or 1 when the batch failed or has failed requests (2: no such batch).
+    """
+    from promptq._runner import batch_exit_code
     from promptq.producer import Producer
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, redis_url=redis_url)
 
-    async def go() -> None:
+    async def go() -> int:
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
             info = await p.batch(batch_id).info()
         if as_json:
             sys.stdout.write(orjson.dumps(info.to_json_dict()).decode() + "\n")
-            return
-        display.out_console.print(display.batch_table(info))
-        if info.stats:
-            display.out_console.print(display.stats_table(info.stats))
+        else:
+            display.out_console.print(display.batch_table(info))
+            if info.stats:
+                display.out_console.print(display.stats_table(info.stats))
+        return batch_exit_code(info)
 
-    _run_async(go)()
+    sys.exit(_run_async(go)() or 0)
 
 
 @main.command()
 @click.argument("batch_id")
+@_redis_option
 @click.pass_context
-def watch(ctx: click.Context, batch_id: str) -> None:
-    """Live progress bar until the batch finishes, then its statistics."""
+def watch(ctx: click.Context, batch_id: str, redis_url: str | None) -> None:
+    """Live progress bar until the batch finishes, then its statistics.
+
+    Exits 0, or 1 when the batch failed or has failed requests (2: no such batch).
+    """
     from promptq._runner import watch_batch
 
-    _run_async(watch_batch)(_settings(ctx), batch_id)
+    sys.exit(_run_async(watch_batch)(_settings(ctx, redis_url=redis_url), batch_id) or 0)
 
 
 @main.command()
 @click.argument("batch_id")
 @_result_files_options
 @click.option("--follow", is_flag=True, help="Stream results as they finish until the end.")
+@_redis_option
 @click.pass_context
 def results(
-    ctx: click.Context, batch_id: str, output: Path, errors_out: Path | None, follow: bool
+    ctx: click.Context,
+    batch_id: str,
+    output: Path,
+    errors_out: Path | None,
+    order: str,
+    follow: bool,
+    redis_url: str | None,
 ) -> None:
     """Write a batch's results as JSONL (successes to OUTPUT, failures to the errors file)."""
-    from promptq.producer import Producer
+    from promptq._runner import export_results
 
-    settings = _settings(ctx)
-
-    async def go() -> None:
-        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
-            batch = p.batch(batch_id)
-            info = await batch.info(with_stats=False)
-            source = batch.as_completed_raw() if follow else batch.raw_results()
-            with ResultFiles(output, errors_out or default_errors_path(output)) as files:
-                async for raw in source:
-                    files.write(raw)
-            if not follow and not info.status.terminal:
-                display.err_console.print(
-                    f"[yellow]batch is {info.status.value}:[/yellow] wrote the "
-                    f"{files.written:,} result(s) so far of {info.total:,}; "
-                    "use --follow to wait for the rest"
-                )
-        display.err_console.print(
-            f"{files.ok:,} succeeded -> {files.ok_path}, {files.failed:,} failed -> "
-            f"{files.errors_path}"
-        )
-
-    _run_async(go)()
+    _run_async(export_results)(
+        _settings(ctx, redis_url=redis_url),
+        batch_id,
+        output=output,
+        errors_out=errors_out or default_errors_path(output),
+        follow_batch=follow,
+        order=order,
+    )
 
 
 @main.command()
 @click.argument("batch_id")
+@_redis_option
 @click.pass_context
-def cancel(ctx: click.Context, batch_id: str) -> None:
+def cancel(ctx: click.Context, batch_id: str, redis_url: str | None) -> None:
     """Stop a batch: queued requests are not sent, finished results are kept.
 
     Requests already in flight finish; the ones never sent get a result with error
@@ -402,7 +491,7 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
     """
     from promptq.producer import Producer
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, redis_url=redis_url)
 
     async def go() -> None:
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
@@ -418,16 +507,20 @@ def cancel(ctx: click.Context, batch_id: str) -> None:
 @main.command("retry-failed")
 @click.argument("batch_id")
 @click.option("--batch-id", "new_batch_id", help="Id of the new batch (default: generated).")
+@_redis_option
 @click.pass_context
-def retry_failed(ctx: click.Context, batch_id: str, new_batch_id: str | None) -> None:
+def retry_failed(
+    ctx: click.Context, batch_id: str, new_batch_id: str | None, redis_url: str | None
+) -> None:
     """Re-run only the failed requests of a finished batch, as a new batch linked to it.
 
     Prints the new batch id (only the id). The new batch has retry_of = BATCH_ID; the
-    old one gets retried_by = the new id.
+    old one gets retried_by = the new id. A batch is retried once (its retry's failures
+    are retried from the retry).
     """
     from promptq.producer import Producer
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, redis_url=redis_url)
 
     async def go() -> None:
         async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
@@ -438,17 +531,25 @@ def retry_failed(ctx: click.Context, batch_id: str, new_batch_id: str | None) ->
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (numbers as numbers).")
+@_redis_option
 @click.pass_context
-def workers(ctx: click.Context, as_json: bool) -> None:
+def workers(ctx: click.Context, as_json: bool, redis_url: str | None) -> None:
     """Live workers (from their heartbeats in Redis)."""
     from promptq._runner import list_workers
 
-    found = _run_async(list_workers)(_settings(ctx)) or []
+    settings = _settings(ctx, redis_url=redis_url)
+    found, now = _run_async(list_workers)(settings) or ([], 0.0)
     if as_json:
         sys.stdout.write(orjson.dumps(found).decode() + "\n")
+    elif not found:
+        window = 3 * settings.heartbeat_s
+        display.out_console.print(
+            f"no live workers (none beat in the last {window:g} s): start one with "
+            "`promptq worker`, with the same PROMPTQ_REDIS_URL"
+        )
     else:
-        display.out_console.print(display.workers_table(found))
+        display.out_console.print(display.workers_table(found, now=now))
 
 
 @main.command()
@@ -459,8 +560,15 @@ def workers(ctx: click.Context, as_json: bool) -> None:
     help="Serve a non-loopback address without PROMPTQ_API_TOKEN: anyone who reaches the "
     "port can submit work and read results.",
 )  # fmt: skip
+@_redis_option
 @click.pass_context
-def serve(ctx: click.Context, host: str | None, port: int | None, insecure_no_auth: bool) -> None:
+def serve(
+    ctx: click.Context,
+    host: str | None,
+    port: int | None,
+    insecure_no_auth: bool,
+    redis_url: str | None,
+) -> None:
     """HTTP API for web apps: the OpenAI Files + Batches API, chat completions through
     the queue (ahead of batch work), /healthz and /metrics.
 
@@ -472,7 +580,7 @@ def serve(ctx: click.Context, host: str | None, port: int | None, insecure_no_au
     from promptq.api import serve as serve_http
     from promptq.api.auth import is_loopback
 
-    settings = _settings(ctx, api_host=host, api_port=port)
+    settings = _settings(ctx, api_host=host, api_port=port, redis_url=redis_url)
     token = settings.api_token
     if token is not None and not token.get_secret_value().strip():
         _fail("PROMPTQ_API_TOKEN is set but empty; set a token or unset it", EXIT_USAGE)
@@ -491,6 +599,8 @@ def serve(ctx: click.Context, host: str | None, port: int | None, insecure_no_au
         serve_http(settings, host=settings.api_host, port=settings.api_port, on_ready=ready)
     except RedisUnavailable as exc:
         _fail(str(exc), 1)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)
     except OSError as exc:
         _fail(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror}", 1)
 

@@ -28,6 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from promptq import Producer, Status
 from promptq.embedded import local_cluster
 from promptq.mock import MockConfig, MockServer
+from promptq.shared.chatqueue import ChatQueue
 from promptq.shared.connection import connect
 from promptq.shared.settings import Settings
 
@@ -295,27 +296,25 @@ async def test_chat_requests_taken_by_a_lost_reply_are_handed_back(
     """The chat lane's version: the take moved requests into the worker's list, the reply
     was lost, the worker never started them; the recheck after the disruption puts them
     back in the chat queue and they are answered."""
-    async with in_process_worker(settings) as worker:
-        queue = worker.engine.chat.queue
-        real_take = queue.take
-        lost: list[bytes] = []
+    real_take = ChatQueue.take
+    lost: list[bytes] = []
 
-        async def take_with_a_lost_reply(worker_id: str, *, block_s: float) -> Any:
-            entry = await real_take(worker_id, block_s=block_s)
-            if entry is not None and not lost:
-                lost.append(entry)  # ran, reply lost
-                raise RedisConnectionError("Connection reset by peer")
-            return entry
+    async def take_with_a_lost_reply(self: ChatQueue, worker_id: str, *, block_s: float) -> Any:
+        entry = await real_take(self, worker_id, block_s=block_s)
+        if entry is not None and not lost:
+            lost.append(entry)  # ran, reply lost
+            raise RedisConnectionError("Connection reset by peer")
+        return entry
 
-        monkeypatch.setattr(queue, "take", take_with_a_lost_reply)
-        async with (
-            Producer.from_url(settings.redis_url_or_default, settings=settings) as p,
-            open_lane(p) as lane,
-        ):
-            bodies = [chat_body(f"c{i}") for i in range(10)]
-            answers = await asyncio.gather(
-                *(lane.send(lane.validate(b), timeout_s=20) for b in bodies)
-            )
+    # patched before the worker starts: its first take is already the patched one
+    monkeypatch.setattr(ChatQueue, "take", take_with_a_lost_reply)
+    async with (
+        in_process_worker(settings),
+        Producer.from_url(settings.redis_url_or_default, settings=settings) as p,
+        open_lane(p) as lane,
+    ):
+        bodies = [chat_body(f"c{i}") for i in range(10)]
+        answers = await asyncio.gather(*(lane.send(lane.validate(b), timeout_s=20) for b in bodies))
     assert lost  # the scenario happened
     assert all(line["error"] is None for line, _id in answers)
     assert await chat_keys(redis) == []

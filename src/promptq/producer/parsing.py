@@ -11,6 +11,7 @@ line listed (line number, field, reason): ``InputError.errors``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,10 @@ from promptq.shared.errors import InputError, LineError
 from promptq.shared.models import CHAT_ENDPOINT, ENDPOINTS, QueuedRequest
 
 MAX_CUSTOM_ID_CHARS = 512
+UTF8_BOM = b"\xef\xbb\xbf"
+# orjson reports "line 1 column 19 (char 18)": every line is parsed on its own, so its
+# "line 1" is the file's line N; keep the column only
+_JSON_WHERE = re.compile(r":? line \d+ column (\d+) \(char \d+\)")
 #: At most this many problems are kept (all are counted): a broken 1 GB file must not
 #: produce a 1 GB error report.
 MAX_REPORTED_ERRORS = 1000
@@ -41,7 +46,7 @@ _SHORT_FORM_PARAMS = frozenset(
         "user",
     }
 )
-_SHORT_FORM_KEYS = _SHORT_FORM_PARAMS | {"prompt", "custom_id", "system"}
+_SHORT_FORM_KEYS = _SHORT_FORM_PARAMS | {"prompt", "messages", "custom_id", "system"}
 _BATCH_FORM_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
 
@@ -86,6 +91,8 @@ def parse_jsonl(
                 )
             ],
         )
+    if data.startswith(UTF8_BOM):  # Windows tools write one; it is not part of line 1
+        data = data[len(UTF8_BOM) :]
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -116,10 +123,15 @@ def parse_jsonl(
         try:
             items.append((number, orjson.loads(raw)))
         except orjson.JSONDecodeError as exc:
-            errors.add(number, None, f"not valid JSON: {exc}")
+            errors.add(number, None, f"not valid JSON: {json_problem(exc)}")
     if not items and not errors.count:
         errors.add(0, None, "no requests: the file is empty")
     return _validate(items, errors, source=source, default_model=default_model)
+
+
+def json_problem(exc: orjson.JSONDecodeError) -> str:
+    """orjson's message for one line, with the position as a column of that line."""
+    return _JSON_WHERE.sub(lambda m: f" at column {m.group(1)}", str(exc))
 
 
 def parse_items(
@@ -205,15 +217,15 @@ def _one(
     if not isinstance(obj, dict):
         errors.add(number, None, f"must be a JSON object, got {_type(obj)}")
         return None
-    if "prompt" in obj:
+    if "prompt" in obj or ("messages" in obj and "body" not in obj and "url" not in obj):
         return _short_form(number, obj, errors, default_model)
     if "body" in obj or "url" in obj or "method" in obj:
         return _batch_form(number, obj, errors, default_model)
     errors.add(
         number,
         "prompt",
-        'missing; a line is either {"prompt": "..."} or an OpenAI Batch API request '
-        '{"custom_id", "method", "url", "body"}',
+        'missing; a line is either {"prompt": "..."} (or {"messages": [...]}) or an OpenAI '
+        'Batch API request {"custom_id", "method", "url", "body"}',
     )
     return None
 
@@ -225,11 +237,17 @@ def _short_form(
     unknown = sorted(set(obj) - _SHORT_FORM_KEYS)
     for key in unknown:
         errors.add(number, key, f"unknown field; allowed: {', '.join(sorted(_SHORT_FORM_KEYS))}")
-    prompt = obj["prompt"]
-    if not isinstance(prompt, str):
-        errors.add(number, "prompt", f"must be a string, got {_type(prompt)}")
-    elif not prompt.strip():
-        errors.add(number, "prompt", "is empty")
+    prompt = obj.get("prompt")
+    given_messages = obj.get("messages")
+    if "prompt" in obj and "messages" in obj:
+        errors.add(number, "messages", "give either prompt or messages, not both")
+    elif "prompt" in obj:
+        if not isinstance(prompt, str):
+            errors.add(number, "prompt", f"must be a string, got {_type(prompt)}")
+        elif not prompt.strip():
+            errors.add(number, "prompt", "is empty")
+    else:
+        _check_messages(number, given_messages, errors, field="messages")
     system = obj.get("system")
     if system is not None and not isinstance(system, str):
         errors.add(number, "system", f"must be a string, got {_type(system)}")
@@ -239,7 +257,11 @@ def _short_form(
     custom_id = _custom_id(number, obj.get("custom_id"), errors, required=False)
     if errors.count > before or custom_id is None:
         return None
-    messages = [{"role": "user", "content": prompt}]
+    messages = (
+        list(given_messages)
+        if "prompt" not in obj and isinstance(given_messages, list)
+        else [{"role": "user", "content": prompt}]
+    )
     if system:
         messages.insert(0, {"role": "system", "content": system})
     body: dict[str, Any] = {"model": model, "messages": messages}
@@ -282,12 +304,15 @@ def _batch_form(
     return QueuedRequest(custom_id=custom_id, body=body, line=number), str(url)
 
 
-def _check_messages(number: int, messages: Any, errors: _Collector) -> None:
+def _check_messages(
+    number: int, messages: Any, errors: _Collector, *, field: str = "body.messages"
+) -> None:
     if not isinstance(messages, list) or not messages:
-        errors.add(number, "body.messages", "must be a non-empty list of messages")
+        errors.add(number, field, "must be a non-empty list of messages")
         return
+    base = field
     for i, message in enumerate(messages):
-        field = f"body.messages[{i}]"
+        field = f"{base}[{i}]"
         if not isinstance(message, dict):
             errors.add(number, field, f"must be an object, got {_type(message)}")
             continue

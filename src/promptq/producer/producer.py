@@ -36,7 +36,7 @@ from promptq.shared.errors import (
     QueueFull,
     RedisUnavailable,
 )
-from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result
+from promptq.shared.models import BatchInfo, BatchStats, Priority, Result
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
@@ -227,8 +227,14 @@ class Producer:
 
     async def retry_failed(self, batch_id: str, *, new_batch_id: str | None = None) -> Batch:
         """Submit the failed requests of a finished batch again, as a new batch linked to
-        it (``retry_of`` on the new one, ``retried_by`` on the old one)."""
+        it (``retry_of`` on the new one, ``retried_by`` on the old one). A batch is
+        retried once: its retry's failures are retried from the retry."""
         old = await self.batch(batch_id).info(with_stats=False)
+        if old.retried_by:
+            raise BatchError(
+                f"batch '{batch_id}' was already retried as '{old.retried_by}'; retry what "
+                f"failed there: promptq retry-failed {old.retried_by}"
+            )
         if not old.status.terminal:
             raise BatchError(
                 f"batch '{batch_id}' is {old.status.value}; retry its failures once it has "
@@ -239,17 +245,18 @@ class Producer:
         ]
         if not failed_ids:
             raise BatchError(f"batch '{batch_id}' has no failed requests to retry")
-        bodies: list[bytes | None] = await self.redis.hmget(  # type: ignore[misc]
-            keys.requests(batch_id), failed_ids
-        )
-        if any(b is None for b in bodies):
+        requests = await self.store.requests_of(batch_id, failed_ids)
+        if len(requests) != len(failed_ids):
             raise BatchError(f"the requests of batch '{batch_id}' have expired from Redis")
-        requests = [QueuedRequest.from_json(b) for b in bodies if b is not None]
         parsed = ParsedBatch(requests=requests, endpoint=old.endpoint, model=old.model or "")
         batch = await self.submit(
             parsed, batch_id=new_batch_id, priority=old.priority, retry_of=batch_id
         )
-        await self.redis.hset(keys.batch(batch_id), "retried_by", batch.id)  # type: ignore[misc]
+        if not await self.store.link_retry(batch_id, batch.id):
+            # another retry-failed of the same batch won: this one is not needed
+            await batch.cancel()
+            winner = (await self.batch(batch_id).info(with_stats=False)).retried_by
+            raise BatchError(f"batch '{batch_id}' was retried meanwhile as '{winner}'")
         return batch
 
     async def submit_file(
@@ -433,6 +440,16 @@ class Batch:
         )
         return last, [v for v in values if v is not None], ended
 
+    async def input_order(self) -> AsyncIterator[str]:
+        """Every custom_id of the batch in input order."""
+        async for cid in self.producer.store.input_order(self.id):
+            yield cid
+
+    async def results_in_input_order(self) -> AsyncIterator[bytes]:
+        """The stored result lines recorded so far, in input order."""
+        async for raw in self.producer.store.results_in_input_order(self.id):
+            yield raw
+
     async def results(self) -> AsyncIterator[Result]:
         """Every result recorded so far (any order), without waiting."""
         async for raw in self.raw_results():
@@ -440,7 +457,7 @@ class Batch:
 
     async def raw_results(self) -> AsyncIterator[bytes]:
         """Like ``results`` but the stored JSON lines, unparsed (fast export)."""
-        async for _cid, value in self._redis.hscan_iter(keys.results(self.id), count=1000):
+        async for value in self.producer.store.result_lines(self.id):
             yield value
 
     async def cancel(self) -> BatchInfo:

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 STOP_CHUNK = 1000
 CANCELLED_CODE = "batch_cancelled"
 CANCELLED_MESSAGE = "the batch was cancelled before this request was sent"
+#: ids read per command when a batch is read in order (keeps each command short)
+READ_CHUNK = 1000
 #: an aggregator job not started within this time is dropped by arq (the batch is gone)
 AGGREGATE_JOB_EXPIRES_S = 7 * 24 * 3600
 
@@ -96,7 +98,12 @@ class BatchStore:
         that kept the id, or '' when created."""
         args = [item for pair in fields.items() for item in pair]
         reply = await self._create(
-            keys=[keys.batch(batch_id), keys.requests(batch_id), keys.pending(batch_id)],
+            keys=[
+                keys.batch(batch_id),
+                keys.requests(batch_id),
+                keys.pending(batch_id),
+                keys.order(batch_id),
+            ],
             args=args,
         )
         return decode(reply)
@@ -104,9 +111,11 @@ class BatchStore:
     async def write(self, batch_id: str, requests: Sequence[QueuedRequest]) -> None:
         """Add requests to a ``validating`` batch (one round trip; workers ignore them
         until ``queue``)."""
+        ids = [r.custom_id for r in requests]
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hset(keys.requests(batch_id), mapping={r.custom_id: r.to_json() for r in requests})
-            pipe.rpush(keys.pending(batch_id), *[r.custom_id for r in requests])
+            pipe.rpush(keys.pending(batch_id), *ids)
+            pipe.rpush(keys.order(batch_id), *ids)
             await pipe.execute()
 
     async def queue(self, batch_id: str, total: int) -> None:
@@ -141,6 +150,7 @@ class BatchStore:
                 keys.requests(batch_id),
                 keys.pending(batch_id),
                 keys.BATCHES,
+                keys.order(batch_id),
             ],
             args=[batch_id, ttl_s, reason, errors_json],
         )
@@ -157,6 +167,48 @@ class BatchStore:
         """Every result line recorded so far (stored JSON, any order)."""
         async for _cid, value in self.redis.hscan_iter(keys.results(batch_id), count=1000):
             yield value
+
+    async def input_order(self, batch_id: str) -> AsyncIterator[str]:
+        """Every custom_id of the batch, in input order (read in chunks)."""
+        start = 0
+        while True:
+            chunk = await self.redis.lrange(keys.order(batch_id), start, start + READ_CHUNK - 1)  # type: ignore[misc]
+            for cid in chunk:
+                yield decode(cid)
+            if len(chunk) < READ_CHUNK:
+                return
+            start += READ_CHUNK
+
+    async def results_in_input_order(self, batch_id: str) -> AsyncIterator[bytes]:
+        """The result lines recorded so far, in input order (chunked reads)."""
+        ids: list[str] = []
+        async for cid in self.input_order(batch_id):
+            ids.append(cid)
+            if len(ids) == READ_CHUNK:
+                for line in await self._results_of(batch_id, ids):
+                    yield line
+                ids = []
+        for line in await self._results_of(batch_id, ids):
+            yield line
+
+    async def requests_of(self, batch_id: str, custom_ids: list[str]) -> list[QueuedRequest]:
+        """The stored requests of these custom_ids (chunked reads; expired ones missing)."""
+        found: list[QueuedRequest] = []
+        for start in range(0, len(custom_ids), READ_CHUNK):
+            chunk = custom_ids[start : start + READ_CHUNK]
+            values: list[bytes | None] = await self.redis.hmget(keys.requests(batch_id), chunk)  # type: ignore[misc]
+            found += [QueuedRequest.from_json(v) for v in values if v is not None]
+        return found
+
+    async def link_retry(self, batch_id: str, retry_id: str) -> bool:
+        """Note that ``retry_id`` retries the batch; False when another retry was first."""
+        return bool(await self.redis.hsetnx(keys.batch(batch_id), "retried_by", retry_id))  # type: ignore[misc]
+
+    async def _results_of(self, batch_id: str, ids: list[str]) -> list[bytes]:
+        if not ids:
+            return []
+        values: list[bytes | None] = await self.redis.hmget(keys.results(batch_id), ids)  # type: ignore[misc]
+        return [v for v in values if v is not None]
 
     async def status(self, batch_id: str) -> Status | None:
         return parse(await self.redis.hget(keys.batch(batch_id), "status"))  # type: ignore[misc]
@@ -373,6 +425,7 @@ class BatchStore:
                     keys.claims(batch_id),
                     keys.requests(batch_id),
                     keys.pending(batch_id),
+                    keys.order(batch_id),
                     keys.inflight(batch_id),
                     keys.results(batch_id),
                 ],

@@ -18,16 +18,18 @@ import asyncio
 import logging
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from promptq.shared import keys, serialization
-from promptq.shared.errors import RedisUnavailable
+from promptq.shared.errors import ConfigError, RedisUnavailable
 from promptq.shared.settings import redact_url
 
 logger = logging.getLogger(__name__)
@@ -129,10 +131,37 @@ async def connect(
 ) -> ArqRedis:
     """Open a client for ``url`` and make sure Redis answers.
 
-    Retries with backoff for up to ``wait_s`` seconds (Redis restarting, container
-    starting), then raises ``RedisUnavailable`` with the URL (password hidden) and a hint.
-    redis-py's transparent retries of a command are counted in ``health``.
+    Tries again with backoff for ``wait_s`` seconds while Redis does not answer (Redis
+    restarting, a container starting), then raises ``RedisUnavailable`` with the URL
+    (password hidden) and a hint. A Redis that answers but refuses (wrong password, no
+    such database, an ACL) raises ``ConfigError`` at once: waiting would not help.
+    redis-py's transparent retries of later commands are counted in ``health``.
     """
+    deadline = time.monotonic() + wait_s
+    delay = 0.1
+    warned = False
+    while True:
+        try:
+            await _probe(url, timeout_s=max(min(deadline - time.monotonic(), 5.0), 0.5))
+            break
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RedisUnavailable(
+                    f"cannot reach Redis at {redact_url(url)}: {_reason(exc)}. Start one "
+                    "(e.g. `redis-server` or `docker compose up -d redis`) or point "
+                    "PROMPTQ_REDIS_URL / --redis-url at yours."
+                ) from exc
+            if not warned:  # once: the final error says it all
+                warned = True
+                logger.warning(
+                    "Redis at %s not answering (%s); trying again for %.0fs",
+                    redact_url(url),
+                    _reason(exc),
+                    wait_s,
+                )
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 2.0)
     pool = ConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -142,25 +171,42 @@ async def connect(
         retry=Retry(_CountingBackoff(health or RedisHealth(), cap=2.0, base=0.05), retries=5),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
-    client = _owning(ArqRedis(pool, **_CLIENT_KW))
-    deadline = time.monotonic() + wait_s
-    delay = 0.1
-    while True:
-        try:
-            await client.ping()
-            return client
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            if time.monotonic() + delay > deadline:
-                await client.aclose()
-                raise RedisUnavailable(
-                    f"cannot reach Redis at {redact_url(url)}: {str(exc).rstrip('.')}. "
-                    "Start one (e.g. `redis-server` or `docker compose up -d redis`) or "
-                    "point PROMPTQ_REDIS_URL / --redis-url at yours."
-                ) from exc
-            if delay == 0.1:  # once: the final error says it all
-                logger.warning("Redis at %s not answering (%s); retrying", redact_url(url), exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    return _owning(ArqRedis(pool, **_CLIENT_KW))
+
+
+async def _probe(url: str, *, timeout_s: float) -> None:
+    """One PING on one connection, no retries: an outage raises a connection error, a
+    Redis that answers but refuses raises ``ConfigError`` with what to fix."""
+    client: Redis = Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        single_connection_client=True,
+    )
+    try:
+        await client.ping()
+    except AuthenticationError as exc:
+        raise ConfigError(
+            f"Redis at {redact_url(url)} refused the credentials: {_reason(exc)}. Check the "
+            "user and password in PROMPTQ_REDIS_URL / --redis-url "
+            "(redis://USER:PASSWORD@HOST:PORT/DB; no password: redis://HOST:PORT/DB)."
+        ) from exc
+    except ResponseError as exc:
+        text = str(exc)
+        if "DB index is out of range" in text:
+            database = urlsplit(url).path.lstrip("/") or "0"
+            raise ConfigError(
+                f"Redis at {redact_url(url)} has no database {database}: Redis numbers its "
+                "databases from 0 (16 of them unless `databases` says otherwise); use e.g. "
+                f"{redact_url(url).rsplit('/', 1)[0]}/0."
+            ) from exc
+        raise ConfigError(f"Redis at {redact_url(url)} refused PING: {_reason(exc)}.") from exc
+    finally:
+        await client.aclose()
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc).rstrip(".") or type(exc).__name__
 
 
 class EmbeddedRedis:

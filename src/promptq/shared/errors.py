@@ -187,7 +187,12 @@ class FatalUpstreamError(UpstreamError):
 #: upstream answers that every other request of the batch would get too: never retried,
 #: and they stop the batch instead of spending every attempt of every request on them
 STOP_BATCH_CODES = frozenset(
-    {"insufficient_quota", "invalid_api_key", "billing_hard_limit_reached"}
+    {
+        "insufficient_quota",
+        "invalid_api_key",
+        "billing_hard_limit_reached",
+        "upstream_unreachable",  # the circuit breaker gave up (worker.breaker)
+    }
 )
 #: statuses that stop a batch whatever their code (the key or the account is refused)
 STOP_BATCH_STATUSES = frozenset({401, 403})

@@ -58,6 +58,11 @@ def pending(batch_id: str) -> str:
     return f"{batch(batch_id)}:pending"
 
 
+def order(batch_id: str) -> str:
+    """List: every custom_id in input order (``promptq results --order input``)."""
+    return f"{batch(batch_id)}:order"
+
+
 def inflight(batch_id: str) -> str:
     """Hash: custom_id -> claiming worker id, for requests being processed."""
     return f"{batch(batch_id)}:inflight"
@@ -86,6 +91,7 @@ def batch_keys(batch_id: str) -> list[str]:
         stats(batch_id),
         requests(batch_id),
         pending(batch_id),
+        order(batch_id),
         inflight(batch_id),
         results(batch_id),
         events(batch_id),
@@ -146,6 +152,12 @@ def ratelimit(scope: str) -> str:
     """Hash: cluster-wide limiter state of one upstream (+ model): ``req_tat``,
     ``tok_tat`` (GCRA theoretical arrival times, ms) and ``cooldown_until`` (ms)."""
     return f"{PREFIX}:ratelimit:{{{scope}}}"
+
+
+def breaker(scope: str) -> str:
+    """Hash: an upstream's circuit breaker while it refuses connections: ``down_since``,
+    ``probe_at``, ``interval_ms`` (ms, Redis' clock), ``reason``; gone when it answers."""
+    return f"{PREFIX}:breaker:{{{scope}}}"
 
 
 def aggregate_job_id(batch_id: str) -> str:

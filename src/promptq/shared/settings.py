@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         default=False,
         description="AIMD: shrink the concurrency on 429s and timeouts, grow it back on success",
     )
+    upstream_down_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="an upstream that refuses every connection this long fails the "
+        "requests waiting for it (upstream_unreachable), which stops their batches",
+    )
     shutdown_grace_s: float = Field(
         default=10.0, ge=0, description="on SIGTERM, how long in-flight requests may finish"
     )

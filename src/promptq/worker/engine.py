@@ -19,6 +19,7 @@ written, the heartbeat is removed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -36,6 +37,8 @@ from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings
 from promptq.worker import backends
 from promptq.worker.aggregate import Aggregator
+from promptq.worker.backends.http import HttpBackend
+from promptq.worker.breaker import CircuitBreaker
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.execute import Executor
 from promptq.worker.recovery import Recovery
@@ -49,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 #: how long an idle chat lane blocks on the queue before looking again
 CHAT_BLOCK_S = 1.0
+#: at start, how long to wait for the wake-up channel before going on without it
+LISTEN_WAIT_S = 5.0
 
 
 def new_worker_id() -> str:
@@ -85,10 +90,18 @@ class Engine:
             tpm=settings.tpm,
             per_model=settings.limit_per_model,
         )
+        self.breaker = (
+            CircuitBreaker(
+                redis, upstream_url=settings.upstream_url, down_s=settings.upstream_down_s
+            )
+            if isinstance(self.backend, HttpBackend)
+            else None
+        )
         self.executor = Executor(
             self.backend,
             policy=RetryPolicy(max_attempts=settings.max_attempts),
             limiter=self.limiter,
+            breaker=self.breaker,
         )
         self.slots = Slots(capacity, adaptive=settings.adaptive_concurrency)
         self.dispatcher = Dispatcher(
@@ -117,12 +130,14 @@ class Engine:
             recovery=self.recovery,
             health=self.health,
             limiter=self.limiter,
+            breaker=self.breaker,
             beat_fields=self.beat_fields,
             suspect=lambda: self.batches.suspect,
         )
         self.started_at = time.time()
         self.ready = asyncio.Event()
         self._supervisor_task: asyncio.Task[None] | None = None
+        self._check_task: asyncio.Task[None] | None = None
         self._started = False
 
     def __repr__(self) -> str:
@@ -155,6 +170,12 @@ class Engine:
         await self.supervisor.beat()
         self._supervisor_task = asyncio.create_task(self.supervisor.run(), name="supervisor")
         self.dispatcher.start_feeds(self.sources)
+        # ready once it hears wake-ups (the fallback poll covers a Redis that refuses)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LISTEN_WAIT_S):
+                await self.batches.listening.wait()
+        if isinstance(self.backend, HttpBackend):
+            self._check_task = asyncio.create_task(self._check_upstream(self.backend))
         self.ready.set()
         logger.info(
             "worker %s ready: %s, concurrency %d%s, %d attempt(s), timeout %.0fs, %s",
@@ -167,6 +188,15 @@ class Engine:
             self.limiter,
         )
 
+    async def _check_upstream(self, backend: HttpBackend) -> None:
+        try:
+            problem = await backend.check()
+        except Exception as exc:  # a check is advice; never let it stop the worker
+            logger.debug("upstream check failed: %s", exc)
+            return
+        if problem:
+            logger.warning("%s", problem)
+
     @property
     def idle(self) -> bool:
         """Nothing running, nothing to write, nothing aggregating."""
@@ -177,6 +207,9 @@ class Engine:
         if not self._started:
             return
         self._started = False
+        if self._check_task is not None:
+            self._check_task.cancel()
+            await asyncio.gather(self._check_task, return_exceptions=True)
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         await self.dispatcher.stop_feeds()
         try:

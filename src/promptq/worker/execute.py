@@ -23,6 +23,7 @@ from promptq.shared.errors import UpstreamError
 from promptq.shared.ratelimit import RateLimiter, estimate_tokens
 from promptq.shared.results import Outcome
 from promptq.worker.backends import Backend
+from promptq.worker.breaker import CircuitBreaker
 from promptq.worker.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Executor:
         *,
         policy: RetryPolicy,
         limiter: RateLimiter | None = None,
+        breaker: CircuitBreaker | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: Random | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -49,6 +51,7 @@ class Executor:
         self.backend = backend
         self.policy = policy
         self.limiter = limiter
+        self.breaker = breaker
         self._sleep = sleep
         self._rng = rng or Random()
         self._clock = clock
@@ -72,13 +75,24 @@ class Executor:
 
     async def execute(self, endpoint: str, body: dict[str, Any]) -> Outcome:
         """Run one request, retrying retryable failures per the policy."""
-        limiter = self.limiter
+        limiter, breaker = self.limiter, self.breaker
         model = body.get("model") if isinstance(body.get("model"), str) else None
         tokens = estimate_tokens(body) if limiter is not None and limiter.tpm else 0
         start: float | None = None
         attempt = 0
         while True:
             attempt += 1
+            if breaker is not None and breaker.tripped:
+                refusal = await breaker.before_attempt()  # no attempt is spent waiting
+                if refusal is not None:
+                    return Outcome(
+                        status_code=None,
+                        body=None,
+                        request_id=None,
+                        error=refusal,
+                        attempts=attempt - 1,
+                        latency_ms=0.0 if start is None else _ms(self._clock() - start),
+                    )
             if limiter is not None:
                 await self._wait_for_limits(limiter, model, tokens)
             if start is None:
@@ -87,6 +101,8 @@ class Executor:
             error = answer.error
             if self.on_attempt is not None:
                 self.on_attempt(error)
+            if breaker is not None:
+                await breaker.after_attempt(error)
             if limiter is not None:
                 await self._report(limiter, model, tokens, answer.body, error, answer.headers)
             if error is None or not error.retryable or attempt >= self.policy.max_attempts:
@@ -96,7 +112,7 @@ class Executor:
                     request_id=answer.request_id,
                     error=error,
                     attempts=attempt,
-                    latency_ms=round((self._clock() - start) * 1000, 3),
+                    latency_ms=_ms(self._clock() - start),
                 )
             delay = self.policy.delay_s(attempt, error.retry_after_s, self._rng)
             logger.debug("attempt %d failed (%s); retrying in %.2fs", attempt, error.code, delay)
@@ -136,3 +152,7 @@ class Executor:
                 await limiter.cool_down(model, pause_s, why="rate-limit budget spent")
         except Exception as exc:
             logger.warning("rate limiter unavailable (%s)", exc)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -7,7 +7,8 @@
   holds (``worker.recovery``);
 * the recovery of dead workers' requests;
 * the cooldowns other workers set, for a worker without RPM/TPM limits (which keeps
-  them locally, so that it makes no extra round trip per request).
+  them locally, so that it makes no extra round trip per request), and whether another
+  worker opened the upstream's circuit breaker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from promptq.shared import keys
 from promptq.shared.connection import REDIS_DOWN, RedisHealth
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.registry import WorkerRegistry
+from promptq.worker.breaker import CircuitBreaker
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.recovery import Recovery
 
@@ -38,6 +40,7 @@ class Supervisor:
         recovery: Recovery,
         health: RedisHealth,
         limiter: RateLimiter | None,
+        breaker: CircuitBreaker | None,
         beat_fields: Callable[[], Mapping[str, Any]],
         suspect: Callable[[], bool],
     ) -> None:
@@ -46,6 +49,7 @@ class Supervisor:
         self.recovery = recovery
         self.health = health
         self.limiter = limiter
+        self.breaker = breaker
         self.beat_fields = beat_fields
         self.suspect = suspect
         #: disruptions up to this count have been rechecked
@@ -67,6 +71,8 @@ class Supervisor:
             await self.recovery.reap_dead()
             if self.limiter is not None and not self.limiter.enforcing:
                 await self.limiter.refresh()
+            if self.breaker is not None and not self.breaker.tripped:
+                await self.breaker.refresh()
         except REDIS_DOWN as exc:  # one line per outage; the next beat tries again
             self.health.failed(exc, doing="sending the heartbeat")
         except Exception as exc:

@@ -9,8 +9,10 @@ the process runs (backoff waits do not hold a slot). Answers are classified once
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import uuid
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -19,6 +21,9 @@ from pydantic import SecretStr
 from promptq.shared.errors import RetryableUpstreamError
 from promptq.worker.backends import NO_HEADERS, Attempt
 from promptq.worker.retry import classify
+
+#: the startup check's GET /models waits this long
+CHECK_TIMEOUT_S = 3.0
 
 
 class HttpBackend:
@@ -86,6 +91,47 @@ class HttpBackend:
         answer, classified = classify(status, headers, raw)
         request_id = headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
         return Attempt(status, answer, request_id, classified, headers)
+
+    async def check(self) -> str | None:
+        """A warning about the upstream as a worker starts (None: nothing to say): no key
+        for a public host, a refused key, or no answer at all (GET /models, 3 s)."""
+        if self._api_key is None and needs_key(self.base_url):
+            return (
+                f"no API key is set for {self.base_url} (PROMPTQ_API_KEY or "
+                "OPENAI_API_KEY): it will likely refuse every request"
+            )
+        assert self._session is not None, "start() the backend first"
+        try:
+            async with self._session.get(
+                f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
+            ) as resp:
+                status = resp.status
+        except TimeoutError:
+            return (
+                f"upstream {self.base_url} did not answer GET /models within {CHECK_TIMEOUT_S:g}s"
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            return (
+                f"upstream {self.base_url} does not answer ({type(exc).__name__}: {exc}): is it "
+                "running, and is PROMPTQ_UPSTREAM_URL right?"
+            )
+        if status in (401, 403):
+            return (
+                f"upstream {self.base_url} refused the API key (GET /models: HTTP {status}): "
+                "set PROMPTQ_API_KEY (or OPENAI_API_KEY) for the workers"
+            )
+        return None
+
+
+def needs_key(base_url: str) -> bool:
+    """A public host name (api.openai.com): not loopback, not a private address, not a
+    single-label name such as a compose service (``vllm``, ``localhost``)."""
+    host = urlsplit(base_url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return "." in host and not host.endswith((".local", ".internal", ".localhost"))
+    return not (address.is_loopback or address.is_private or address.is_link_local)
 
 
 def _retryable(message: str, code: str) -> RetryableUpstreamError:

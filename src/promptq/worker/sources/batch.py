@@ -34,6 +34,7 @@ from promptq.shared.connection import RedisHealth, is_redis_outage
 from promptq.shared.errors import stops_batch
 from promptq.shared.results import Outcome, result_line
 from promptq.shared.status import RUNNING, Status
+from promptq.worker.breaker import UNREACHABLE
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.sources import Job
 
@@ -78,6 +79,8 @@ class BatchSource:
         self.on_final = on_final
         #: set by a wake-up message: a batch has requests to claim
         self.wanted = asyncio.Event()
+        #: set once the wake-up channel is subscribed (a message before it is missed)
+        self.listening = asyncio.Event()
         #: batches this worker claims from; a batch leaves once nothing of it is held
         #: and nothing is pending (``_settle``)
         self.batches: dict[str, _Batch] = {}
@@ -159,6 +162,8 @@ class BatchSource:
             try:
                 await pubsub.subscribe(keys.WAKEUP_CHANNEL)
                 delay = 0.1
+                self.listening.set()
+                self.wanted.set()  # work queued before we listened: claim it now
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
@@ -182,14 +187,19 @@ class BatchSource:
         )
         error = outcome.error
         if error is not None and stops_batch(error):
-            self._stop(
-                job.group,
-                code=error.code,
-                message=f"not sent: the batch stopped after the upstream answered "
-                f"{error.code} to another of its requests; fix that, then retry the failed "
-                "requests",
-                reason=f"stopped: the upstream answered {error.code} ({error.message})",
-            )
+            if error.code == UNREACHABLE:
+                message = (
+                    "not sent: the batch stopped because the upstream refused every "
+                    "connection; fix that, then retry the failed requests"
+                )
+                reason = f"stopped: {error.message}"
+            else:
+                message = (
+                    f"not sent: the batch stopped after the upstream answered {error.code} "
+                    "to another of its requests; fix that, then retry the failed requests"
+                )
+                reason = f"stopped: the upstream answered {error.code} ({error.message})"
+            self._stop(job.group, code=error.code, message=message, reason=reason)
 
     @property
     def unwritten(self) -> bool:
