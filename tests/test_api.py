@@ -60,7 +60,7 @@ Client = TestClient  # of the API app
 @pytest.fixture
 async def api(redis: ArqRedis, settings: Settings) -> AsyncIterator[Client]:
     """The app on a test server (real Redis), limits shrunk to 4 KiB and 5 lines."""
-    app = create_app(api_settings(settings, max_file_bytes=4096, max_lines=5))
+    app = create_app(api_settings(settings, api_max_file_bytes=4096, api_max_lines=5))
     async with TestClient(TestServer(app), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield client
 

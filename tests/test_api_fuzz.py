@@ -54,7 +54,7 @@ async def api(redis: ArqRedis, settings: Settings) -> AsyncIterator[TestClient]:
     # a worker runs: a valid chat request is answered by the mock upstream
     app = create_app(
         settings.model_copy(
-            update={"api_token": SecretStr(TOKEN), "api_chat_timeout_s": 30, "max_lines": 20}
+            update={"api_token": SecretStr(TOKEN), "api_chat_timeout_s": 30, "api_max_lines": 20}
         )
     )
     headers = {"Authorization": f"Bearer {TOKEN}"}

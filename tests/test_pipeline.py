@@ -116,7 +116,7 @@ async def test_a_taken_batch_id_is_refused(redis: ArqRedis, settings: Settings) 
 async def test_a_producer_dying_midway_leaves_nothing_runnable(
     redis: ArqRedis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def crash(self: BatchStore, batch_id: str, total: int) -> None:
+    async def crash(self: BatchStore, batch_id: str, total: int, **kw: object) -> None:
         raise ConnectionError("producer died")
 
     producer = Producer(redis, settings=settings)

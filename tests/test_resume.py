@@ -18,6 +18,7 @@ from arq.connections import ArqRedis
 from promptq import BatchError, Producer, Status
 from promptq.mock import MockConfig, MockServer
 from promptq.producer import parse_file
+from promptq.producer.parsing import SpooledBatch
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
@@ -129,7 +130,14 @@ async def test_run_resumes_a_batch_whose_workers_and_tickets_are_all_gone(
 async def test_resume_lists_a_batch_the_runnable_index_lost(
     redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs, tmp_path: Path
 ) -> None:
-    parsed = parse_file(write_input(tmp_path / "in.jsonl"), settings=settings)
+    # a SpooledBatch: the requests wait in a spool file, deleted on close
+    with parse_file(write_input(tmp_path / "in.jsonl"), settings=settings) as parsed:
+        await _resume_after_losing_the_index(redis, settings, worker_procs, parsed)
+
+
+async def _resume_after_losing_the_index(
+    redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs, parsed: SpooledBatch
+) -> None:
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         await producer.submit(parsed, batch_id="nightly-5")
         await redis.delete(keys.RUNNABLE)  # the index lost it; no worker holds anything
@@ -149,8 +157,11 @@ async def test_run_refuses_to_resume_a_batch_from_other_input(
     async with Producer.from_url(settings.redis_url_or_default, settings=settings) as producer:
         await producer.submit_file(first, batch_id="nightly-3")
         # same custom_ids, other prompts: the Python API says no too
-        other = parse_file(write_input(tmp_path / "other.jsonl", word="other"), settings=settings)
-        with pytest.raises(BatchError, match="other requests"):
+        other_input = write_input(tmp_path / "other.jsonl", word="other")
+        with (
+            parse_file(other_input, settings=settings) as other,
+            pytest.raises(BatchError, match="other requests"),
+        ):
             await producer.submit(other, batch_id="nightly-3", resume=True)
     for changed in (
         write_input(tmp_path / "fewer.jsonl", N - 1),

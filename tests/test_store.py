@@ -9,10 +9,10 @@ import pytest
 from arq.connections import ArqRedis
 
 from promptq.shared import keys
-from promptq.shared.batches import BatchStore
+from promptq.shared.batches import BatchStore, record_args
 from promptq.shared.chatqueue import Answer, ChatEntry, ChatQueue, new_chat_id
 from promptq.shared.connection import EmbeddedRedis, connect
-from promptq.shared.errors import BatchError
+from promptq.shared.errors import BatchError, UpstreamError
 from promptq.shared.models import QueuedRequest, Result
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.results import FIELDS, Outcome, result_line, stop_template
@@ -37,14 +37,23 @@ B = "b1"
 async def make_batch(r: ArqRedis, ids: list[str], *, queue: bool = True) -> BatchStore:
     s = BatchStore(r)
     assert await s.create(B, {"total": len(ids), "endpoint": "/v1/chat/completions"}) == ""
-    await s.write(B, [QueuedRequest(custom_id=i, body={}, line=n) for n, i in enumerate(ids)])
+    await s.append(B, [QueuedRequest(custom_id=i, body={}, line=n) for n, i in enumerate(ids)])
     if queue:
         await s.queue(B, len(ids))
     return s
 
 
-def ok_result(cid: str, ok: int = 1, retries: int = 0) -> list[object]:
-    return [cid, orjson.dumps({"custom_id": cid}), ok, retries]
+def ok_result(cid: str, ok: int = 1, retries: int = 0, latency_ms: float = 10.0) -> list[object]:
+    """The record arguments of one result (a success with usage, or a server error)."""
+    outcome = Outcome(
+        status_code=200 if ok else 500,
+        body={"usage": {"prompt_tokens": 3, "completion_tokens": 2}} if ok else None,
+        request_id="r",
+        error=None if ok else UpstreamError("boom", code="server_error"),
+        attempts=retries + 1,
+        latency_ms=latency_ms,
+    )
+    return list(record_args(cid, orjson.dumps({"custom_id": cid}), outcome))
 
 
 async def test_create_refuses_taken_ids_but_restarts_abandoned_ones(store: ArqRedis) -> None:
@@ -111,7 +120,7 @@ async def test_batches_take_turns_and_urgent_ones_go_first(store: ArqRedis) -> N
     s = BatchStore(store)
     for batch_id, priority in [("bulk1", "bulk"), ("bulk2", "bulk"), ("urgent", "urgent")]:
         await s.create(batch_id, {"total": 4, "priority": priority})
-        await s.write(batch_id, [QueuedRequest(f"{batch_id}-{i}", {}, i) for i in range(4)])
+        await s.append(batch_id, [QueuedRequest(f"{batch_id}-{i}", {}, i) for i in range(4)])
         await s.queue(batch_id, 4)
     assert (await s.runnable(3))[0] == "urgent"
     await s.claim("bulk1", 1, "w1")  # bulk1 had its turn: bulk2 comes before it now
@@ -134,6 +143,12 @@ async def test_record_counts_each_request_once_and_finalizes_once(store: ArqRedi
     assert batch[b"status"] == b"finalizing"
     assert await store.hlen(keys.inflight(B)) == 0
     assert await store.xlen(keys.events(B)) == 2
+    # the tally counted each once; the success's request body is gone, the failure's kept
+    tally = await s.tally(B)
+    assert (tally["in"], tally["out"], tally["lat_n"], tally["e:server_error"]) == (
+        "3", "2", "2", "1",
+    )  # fmt: skip
+    assert await store.hkeys(keys.requests(B)) == [b"b"]
 
 
 async def test_finish_writes_stats_status_end_marker_and_ttl(store: ArqRedis) -> None:
@@ -145,8 +160,25 @@ async def test_finish_writes_stats_status_end_marker_and_ttl(store: ArqRedis) ->
     assert await store.hget(keys.stats(B), "p50_ms") == b"1.0"
     entries = await store.xrange(keys.events(B))
     assert entries[-1][1] == {b"end": b"completed"}
-    assert 0 < await store.ttl(keys.results(B)) <= 60
+    assert 0 < await store.ttl(keys.batch(B)) <= 60
+    # big keys are swept (UNLINKed) when the TTL is up; their own TTL is only a backstop
+    assert await store.ttl(keys.results(B)) > 60
+    seconds, _ = await store.time()
+    assert abs(float(await store.zscore(keys.SWEEP, B) or 0) - (seconds + 60)) < 2
     assert await s.active() == []
+    assert await s.sweep() == 0  # not due yet
+
+
+async def test_a_finished_batch_is_swept_once_its_ttl_is_up(store: ArqRedis) -> None:
+    s = await make_batch(store, ["a", "b"])
+    await s.claim(B, 2, "w1")
+    await s.record(B, ok_result("a") + ok_result("b", ok=0))
+    await s.finish(B, ttl_s=1, stats={"p50_ms": "1.0"})
+    await store.zadd(keys.SWEEP, {B: 1.0})  # due long ago
+    assert await s.sweep() == 1
+    left = [k async for k in store.scan_iter(match=f"promptq:batch:{{{B}}}*")]
+    assert left == []
+    assert await store.zcard(keys.SWEEP) == 0
 
 
 async def test_release_hands_unfinished_requests_back_and_lists_the_batch(

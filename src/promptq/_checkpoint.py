@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from promptq.producer.parsing import ParsedBatch
+from promptq.producer.parsing import SpooledBatch
 from promptq.producer.producer import fingerprint
 from promptq.shared.errors import InputError, LineError
 
@@ -32,7 +32,7 @@ def sidecar(output: Path) -> Path:
 class Resume:
     """What a run takes up: the requests still to send, and how many were done before."""
 
-    todo: ParsedBatch
+    todo: SpooledBatch
     done: int
     resumed: bool
 
@@ -59,7 +59,7 @@ def done_ids(output: Path) -> set[str]:
     return ids
 
 
-def take_up(parsed: ParsedBatch, *, output: Path, source: str, restart: bool) -> Resume:
+def take_up(parsed: SpooledBatch, *, output: Path, source: str, restart: bool) -> Resume:
     """The part of ``parsed`` still to run with ``output`` as the checkpoint, and the
     checkpoint's sidecar (re)written for it. Raises ``InputError`` when ``output`` holds
     the results of other input."""
@@ -84,12 +84,8 @@ def take_up(parsed: ParsedBatch, *, output: Path, source: str, restart: bool) ->
                 ],
             )
         done = done_ids(output)
-        todo = [r for r in parsed.requests if r.custom_id not in done]
-        return Resume(
-            todo=ParsedBatch(requests=todo, endpoint=parsed.endpoint, model=parsed.model),
-            done=len(parsed.requests) - len(todo),
-            resumed=True,
-        )
+        todo = parsed.filtered(lambda r: r.custom_id not in done)
+        return Resume(todo=todo, done=parsed.total - todo.total, resumed=True)
     if restart:
         output.unlink(missing_ok=True)
     tmp = meta.with_name(meta.name + ".tmp")
@@ -98,7 +94,7 @@ def take_up(parsed: ParsedBatch, *, output: Path, source: str, restart: bool) ->
             {
                 "input": source,
                 "fingerprint": digest,
-                "total": len(parsed.requests),
+                "total": parsed.total,
                 "started_at": round(time.time(), 3),
             }
         )

@@ -19,8 +19,8 @@ from promptq import _checkpoint
 from promptq import _display as display
 from promptq._outputs import STDIO, InOrder, ResultFiles, check_writable
 from promptq.embedded import local_cluster
-from promptq.producer import Batch, ParsedBatch, Producer, parse_file
-from promptq.producer.parsing import parse_jsonl
+from promptq.producer import Batch, Producer, parse_file
+from promptq.producer.parsing import Requests, SpooledBatch, spool_jsonl
 from promptq.shared.connection import connect
 from promptq.shared.errors import BatchNotFound
 from promptq.shared.models import BatchInfo
@@ -36,13 +36,12 @@ WORKER_STOP_S = 15.0
 ORDERS = ("completion", "input")
 
 
-def read_input(path: Path, *, settings: Settings) -> ParsedBatch:
-    """Validate a JSONL file whole (``-``: standard input)."""
+def read_input(path: Path, *, settings: Settings) -> SpooledBatch:
+    """Validate a JSONL file line by line into a spool (``-``: standard input)."""
     if str(path) != STDIO:
         return parse_file(path, settings=settings)
-    data = sys.stdin.buffer.read(settings.max_file_bytes + 1)
-    return parse_jsonl(
-        data,
+    return spool_jsonl(
+        sys.stdin.buffer,
         source="<stdin>",
         default_model=settings.model,
         max_lines=settings.max_lines,
@@ -226,14 +225,42 @@ async def run_batch(
     """
     check_writable(output, option="-o")
     check_writable(errors_out, option="--errors-out")
-    parsed = read_input(input_path, settings=settings)  # bad input: exit before any setup
-    total = len(parsed.requests)
+    with read_input(input_path, settings=settings) as spooled:  # bad input: exit, no setup
+        return await _run_checkpointed(
+            settings,
+            spooled,
+            input_path=input_path,
+            output=output,
+            errors_out=errors_out,
+            workers=workers,
+            batch_id=batch_id,
+            priority=priority,
+            max_failure_rate=max_failure_rate,
+            order=order,
+            restart=restart,
+        )
+
+
+async def _run_checkpointed(
+    settings: Settings,
+    parsed: SpooledBatch,
+    *,
+    input_path: Path,
+    output: Path,
+    errors_out: Path,
+    workers: int,
+    batch_id: str | None,
+    priority: str,
+    max_failure_rate: float | None,
+    order: str,
+    restart: bool,
+) -> int:
+    total = parsed.total
     embedded = settings.redis_url is None
-    append = False
     if embedded and str(output) != STDIO:
         taken = _checkpoint.take_up(parsed, output=output, source=str(input_path), restart=restart)
         if taken.resumed:
-            if not taken.todo.requests:
+            if not taken.todo.total:
                 with ResultFiles(output, errors_out, append=True):
                     pass
                 display.err_console.print(
@@ -243,9 +270,36 @@ async def run_batch(
                 return 0
             display.err_console.print(
                 f"resuming: {taken.done:,} of {total:,} requests already have a result in "
-                f"{output}; sending the other {len(taken.todo.requests):,}"
+                f"{output}; sending the other {taken.todo.total:,}"
             )
-            parsed, append = taken.todo, True
+            with taken.todo as todo:
+                return await _interruptible(
+                    settings, todo, output=output, errors_out=errors_out, workers=workers,
+                    batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate,
+                    order=order, append=True,
+                )  # fmt: skip
+    return await _interruptible(
+        settings, parsed, output=output, errors_out=errors_out, workers=workers,
+        batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate,
+        order=order, append=False,
+    )  # fmt: skip
+
+
+async def _interruptible(
+    settings: Settings,
+    parsed: Requests,
+    *,
+    output: Path,
+    errors_out: Path,
+    workers: int,
+    batch_id: str | None,
+    priority: str,
+    max_failure_rate: float | None,
+    order: str,
+    append: bool,
+) -> int:
+    """``_run``, saying at Ctrl-C how to resume."""
+    embedded = settings.redis_url is None
     try:
         return await _run(
             settings,
@@ -277,7 +331,7 @@ async def run_batch(
 
 async def _run(
     settings: Settings,
-    parsed: ParsedBatch,
+    parsed: Requests,
     *,
     output: Path,
     errors_out: Path,
@@ -288,7 +342,7 @@ async def _run(
     order: str,
     append: bool,
 ) -> int:
-    total = len(parsed.requests)
+    total = parsed.total
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
             producer = await stack.enter_async_context(
@@ -324,7 +378,7 @@ async def _run(
             )
         else:
             display.err_console.print(f"batch {batch.id}: {total:,} requests ({mode})")
-        in_order = InOrder(r.custom_id for r in parsed.requests) if order == "input" else None
+        in_order = InOrder(parsed.ids()) if order == "input" else None
         with ResultFiles(output, errors_out, append=append) as files:
             await follow(batch, files, total=total, label=batch.id[:20], order=in_order)
         stats = await batch.wait()

@@ -347,11 +347,11 @@ def submit(
     settings = _settings(ctx, redis_url=redis_url)
 
     async def go() -> None:
-        parsed = read_input(input_path, settings=settings)  # validate before touching Redis
-        async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
-            batch = await p.submit(
-                parsed, batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate
-            )
+        with read_input(input_path, settings=settings) as parsed:  # before touching Redis
+            async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+                batch = await p.submit(
+                    parsed, batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate
+                )
         print(batch.id)
 
     _run_async(go)()

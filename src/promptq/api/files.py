@@ -99,7 +99,7 @@ async def _read_form(request: web.Request, limit: int) -> tuple[bytearray, str, 
 async def upload_file(request: web.Request) -> web.Response:
     """POST /v1/files: store a JSONL file for ``POST /v1/batches``."""
     settings = request.app[SETTINGS]
-    limit = settings.max_file_bytes
+    limit = settings.api_max_file_bytes
     if request.content_type != "multipart/form-data":
         raise bad_request(
             f"Expected multipart/form-data, got '{request.content_type}'; {_HOW}.",
@@ -130,10 +130,10 @@ async def upload_file(request: web.Request) -> web.Response:
             code="empty_file",
         )
     lines = count_lines(content)
-    if lines > settings.max_lines:
+    if lines > settings.api_max_lines:
         raise bad_request(
-            f"The file has {lines:,} lines, over the {settings.max_lines:,}-line limit "
-            "(PROMPTQ_MAX_LINES); split it into several batches.",
+            f"The file has {lines:,} lines, over the {settings.api_max_lines:,}-line limit "
+            "(PROMPTQ_API_MAX_LINES); split it into several batches.",
             param="file",
             code="too_many_lines",
         )

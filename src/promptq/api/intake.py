@@ -99,8 +99,10 @@ async def validate_and_enqueue(
             data,
             source=file_id,
             default_model=settings.model,
-            max_lines=settings.max_lines,
-            max_bytes=settings.max_file_bytes,
+            max_lines=settings.api_max_lines,
+            max_bytes=settings.api_max_file_bytes,
+            lines_setting="PROMPTQ_API_MAX_LINES",
+            bytes_setting="PROMPTQ_API_MAX_FILE_BYTES",
         )
     except InputError as exc:
         status = await store.fail_validating(

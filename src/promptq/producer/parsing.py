@@ -1,20 +1,31 @@
-"""Parse and validate request files (JSONL) and Python-API items.
+"""Parse and validate request files (JSONL) and Python-API items, as streams.
 
 Two line forms (see the README):
 
 * OpenAI Batch API: ``{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body"}``
-* short form: ``{"prompt": "...", "custom_id": "q1"}`` (custom_id defaults to ``line-<N>``)
+* short form: ``{"prompt": "...", "custom_id": "q1"}`` (or ``"messages": [...]``;
+  custom_id defaults to ``line-<N>``)
 
 A file with any bad line is rejected whole, before anything is enqueued, with every bad
 line listed (line number, field, reason): ``InputError.errors``.
+
+Memory does not grow with the file: ``spool_jsonl`` reads it line by line, validates each
+line, and writes the valid requests to a spool file on disk, which the producer then
+streams into Redis (``SpooledBatch``). What is kept per line is 8 bytes of a hash of its
+custom_id (for the uniqueness check; a hash seen twice is confirmed against the spool,
+so two different ids never count as duplicates) and the running fingerprint of the
+batch (an order-free sum of the hashes of its requests). ``parse_jsonl`` and
+``parse_items`` give the same validation for inputs already in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
 
 import orjson
 
@@ -29,6 +40,7 @@ _JSON_WHERE = re.compile(r":? line \d+ column (\d+) \(char \d+\)")
 #: At most this many problems are kept (all are counted): a broken 1 GB file must not
 #: produce a 1 GB error report.
 MAX_REPORTED_ERRORS = 1000
+_MASK_256 = (1 << 256) - 1
 
 # Short-form keys copied into the chat completion body as they are.
 _SHORT_FORM_PARAMS = frozenset(
@@ -52,11 +64,104 @@ _BATCH_FORM_KEYS = frozenset({"custom_id", "method", "url", "body"})
 
 @dataclass(frozen=True, slots=True)
 class ParsedBatch:
-    """A fully validated batch, ready to enqueue."""
+    """A fully validated batch in memory, ready to enqueue."""
 
     requests: list[QueuedRequest]
     endpoint: str
     model: str
+    fingerprint: str = ""
+
+    @classmethod
+    def of(cls, requests: list[QueuedRequest], *, endpoint: str, model: str) -> ParsedBatch:
+        """Requests already valid (retry-failed), with their fingerprint."""
+        total = 0
+        for r in requests:
+            total = (total + request_digest(r.custom_id, r.body)) & _MASK_256
+        return cls(requests, endpoint, model, fingerprint_of(endpoint, total))
+
+    @property
+    def total(self) -> int:
+        return len(self.requests)
+
+    def ids(self) -> Iterator[str]:
+        """The custom_ids, in input order."""
+        return (r.custom_id for r in self.requests)
+
+    def chunks(self, size: int, *, skip: int = 0) -> Iterator[list[QueuedRequest]]:
+        """The requests in input order, ``size`` at a time, after the first ``skip``."""
+        for start in range(skip, len(self.requests), size):
+            yield self.requests[start : start + size]
+
+
+class SpooledBatch:
+    """A fully validated batch whose requests wait in a spool file on disk (input order);
+    use it as a context manager (the spool is deleted on close)."""
+
+    def __init__(self, spool: IO[bytes], *, total: int, endpoint: str, model: str,
+                 fingerprint: str) -> None:  # fmt: skip
+        self._spool = spool
+        self.total = total
+        self.endpoint = endpoint
+        self.model = model
+        self.fingerprint = fingerprint
+
+    def __repr__(self) -> str:
+        return f"SpooledBatch({self.total:,} requests, {self.endpoint})"
+
+    def __enter__(self) -> SpooledBatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __iter__(self) -> Iterator[QueuedRequest]:
+        self._spool.seek(0)
+        for raw in self._spool:
+            yield QueuedRequest.from_json(raw)
+
+    def chunks(self, size: int, *, skip: int = 0) -> Iterator[list[QueuedRequest]]:
+        chunk: list[QueuedRequest] = []
+        for index, request in enumerate(self):
+            if index < skip:
+                continue
+            chunk.append(request)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    @property
+    def requests(self) -> list[QueuedRequest]:
+        """Every request, in memory (for small batches and tests)."""
+        return list(self)
+
+    def ids(self) -> Iterator[str]:
+        """The custom_ids, in input order."""
+        for request in self:
+            yield request.custom_id
+
+    def filtered(self, keep: Callable[[QueuedRequest], bool]) -> SpooledBatch:
+        """A new spooled batch of the requests ``keep`` accepts (this one stays open)."""
+        spool = tempfile.TemporaryFile(prefix="promptq-spool-")  # noqa: SIM115
+        total = digest_sum = 0
+        for request in self:
+            if keep(request):
+                spool.write(request.to_json() + b"\n")
+                digest_sum = (digest_sum + request_digest(request.custom_id, request.body)) & (
+                    _MASK_256
+                )
+                total += 1
+        spool.flush()
+        return SpooledBatch(spool, total=total, endpoint=self.endpoint, model=self.model,
+                            fingerprint=fingerprint_of(self.endpoint, digest_sum))  # fmt: skip
+
+
+#: what can be enqueued: in memory or spooled
+Requests = ParsedBatch | SpooledBatch
 
 
 class _Collector:
@@ -70,6 +175,196 @@ class _Collector:
             self.errors.append(LineError(line, field, message))
 
 
+def request_digest(custom_id: str, body: Any) -> int:
+    """A request's part of a batch fingerprint (its custom_id and canonical body)."""
+    h = hashlib.blake2b(custom_id.encode() + b"\0", digest_size=32)
+    h.update(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+    return int.from_bytes(h.digest(), "big")
+
+
+def fingerprint_of(endpoint: str, digest_sum: int) -> str:
+    """The batch fingerprint from the sum of its requests' digests: line order does not
+    change it, a changed custom_id, body, endpoint or default model does."""
+    h = hashlib.sha256(endpoint.encode() + b"\0" + digest_sum.to_bytes(32, "big"))
+    return f"msum:{h.hexdigest()}"
+
+
+@dataclass
+class Validator:
+    """Validates requests one at a time (see the module docstring)."""
+
+    source: str
+    default_model: str
+    errors: _Collector = field(default_factory=_Collector)
+    total: int = 0
+    endpoint: str | None = None
+    endpoint_line: int = 0
+    models: set[str] = field(default_factory=set)
+    _ids: set[int] = field(default_factory=set)
+    _suspects: dict[str, int] = field(default_factory=dict)  # custom_id -> its later line
+    _digest_sum: int = 0
+
+    def add(self, number: int, obj: Any) -> QueuedRequest | None:
+        """Validate one item (a parsed JSON line); the request, or None when invalid."""
+        request = _one(number, obj, self.errors, self.default_model)
+        if request is None:
+            return None
+        req, url = request
+        if self.endpoint is None:
+            self.endpoint, self.endpoint_line = url, number
+        elif url != self.endpoint:
+            self.errors.add(
+                number,
+                "url",
+                f"'{url}' differs from '{self.endpoint}' on line {self.endpoint_line}; "
+                "a batch targets one endpoint",
+            )
+            return None
+        key = int.from_bytes(hashlib.blake2b(req.custom_id.encode(), digest_size=8).digest())
+        if key in self._ids:  # a duplicate, or two ids with one hash: confirmed later
+            self._suspects.setdefault(req.custom_id, number)
+        else:
+            self._ids.add(key)
+        if len(self.models) < 2:
+            self.models.add(str(req.body.get("model", self.default_model)))
+        self._digest_sum = (self._digest_sum + request_digest(req.custom_id, req.body)) & _MASK_256
+        self.total += 1
+        return req
+
+    def finish(
+        self, written: Iterable[QueuedRequest], *, empty: str = "nothing to submit"
+    ) -> tuple[str, str, str]:
+        """After the last item: raise ``InputError`` listing every problem, else return
+        (endpoint, model, fingerprint). ``written``: the valid requests again, read only
+        to confirm suspected duplicates (their first line)."""
+        if self._suspects:
+            first: dict[str, int] = {}
+            for req in written:
+                if req.custom_id in self._suspects and req.custom_id not in first:
+                    first[req.custom_id] = req.line
+            for custom_id, line in self._suspects.items():
+                if first.get(custom_id, line) < line:  # seen on an earlier line: a duplicate
+                    self.errors.add(
+                        line,
+                        "custom_id",
+                        f"duplicate custom_id '{custom_id}' (first on line {first[custom_id]}); "
+                        "custom_id must be unique within a batch",
+                    )
+        if self.total == 0 and not self.errors.count:
+            self.errors.add(0, None, f"no requests: {empty}")
+        if self.errors.count:
+            self.errors.errors.sort(key=lambda e: e.line)
+            raise InputError(self.source, self.errors.errors, total=self.errors.count)
+        endpoint = self.endpoint or CHAT_ENDPOINT
+        model = self.models.pop() if len(self.models) == 1 else "mixed"
+        return endpoint, model, fingerprint_of(endpoint, self._digest_sum)
+
+
+def _too_big(source: str, what: str, setting: str) -> InputError:
+    return InputError(source, [LineError(0, None, f"{what}; split it into several batches or "
+                                                  f"raise {setting}")])  # fmt: skip
+
+
+def _lines(
+    stream: IO[bytes],
+    *,
+    source: str,
+    max_lines: int,
+    max_bytes: int,
+    lines_setting: str,
+    bytes_setting: str,
+) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line of ``stream``; stops reading, with an
+    ``InputError`` naming the setting to raise, as soon as a limit is passed."""
+    size = 0
+    number = 0
+    for raw in stream:
+        number += 1
+        size += len(raw)
+        if size > max_bytes:
+            raise _too_big(source, f"more than {max_bytes:,} bytes", bytes_setting)
+        if number > max_lines:
+            if not raw.strip():  # a trailing blank line does not count
+                continue
+            raise _too_big(source, f"more than {max_lines:,} lines", lines_setting)
+        if number == 1 and raw.startswith(UTF8_BOM):  # Windows tools write one
+            raw = raw[len(UTF8_BOM) :]
+        yield number, raw
+
+
+def _scan(
+    stream: IO[bytes],
+    validator: Validator,
+    *,
+    max_lines: int,
+    max_bytes: int,
+    lines_setting: str,
+    bytes_setting: str,
+) -> Iterator[QueuedRequest]:
+    for number, raw in _lines(
+        stream,
+        source=validator.source,
+        max_lines=max_lines,
+        max_bytes=max_bytes,
+        lines_setting=lines_setting,
+        bytes_setting=bytes_setting,
+    ):
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            continue  # blank lines carry nothing; tolerate them like most JSONL readers
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            validator.errors.add(
+                number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line)"
+            )
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            validator.errors.add(number, None, f"not valid JSON: {json_problem(exc)}")
+            continue
+        request = validator.add(number, obj)
+        if request is not None:
+            yield request
+
+
+def spool_jsonl(
+    stream: IO[bytes],
+    *,
+    source: str,
+    default_model: str,
+    max_lines: int = 1_000_000,
+    max_bytes: int = 4 * 1024**3,
+    lines_setting: str = "PROMPTQ_MAX_LINES",
+    bytes_setting: str = "PROMPTQ_MAX_FILE_BYTES",
+) -> SpooledBatch:
+    """Validate a JSONL stream line by line into a spool file; raise ``InputError``
+    listing every bad line (nothing is kept then)."""
+    validator = Validator(source=source, default_model=default_model)
+    # the spool outlives this function: the SpooledBatch closes (and so deletes) it
+    spool = tempfile.TemporaryFile(prefix="promptq-spool-")  # noqa: SIM115
+    try:
+        for request in _scan(
+            stream,
+            validator,
+            max_lines=max_lines,
+            max_bytes=max_bytes,
+            lines_setting=lines_setting,
+            bytes_setting=bytes_setting,
+        ):
+            spool.write(request.to_json() + b"\n")
+        spool.flush()
+        batch = SpooledBatch(spool, total=validator.total, endpoint="", model="",
+                             fingerprint="")  # fmt: skip
+        endpoint, model, digest = validator.finish(batch, empty="the file is empty")
+    except BaseException:
+        spool.close()
+        raise
+    batch.endpoint, batch.model, batch.fingerprint = endpoint, model, digest
+    return batch
+
+
 def parse_jsonl(
     data: bytes,
     *,
@@ -77,56 +372,28 @@ def parse_jsonl(
     default_model: str,
     max_lines: int = 50_000,
     max_bytes: int = 200 * 1024 * 1024,
+    lines_setting: str = "PROMPTQ_MAX_LINES",
+    bytes_setting: str = "PROMPTQ_MAX_FILE_BYTES",
 ) -> ParsedBatch:
-    """Validate a whole JSONL file; raise ``InputError`` listing every bad line."""
+    """Validate a whole JSONL file in memory; raise ``InputError`` listing every bad line."""
+    import io
+
     if len(data) > max_bytes:
-        raise InputError(
-            source,
-            [
-                LineError(
-                    0,
-                    None,
-                    f"file is {len(data):,} bytes, over the {max_bytes:,}-byte limit; "
-                    "split it into several batches",
-                )
-            ],
+        raise _too_big(source, f"{len(data):,} bytes, over the {max_bytes:,}-byte limit",
+                       bytes_setting)  # fmt: skip
+    validator = Validator(source=source, default_model=default_model)
+    requests = list(
+        _scan(
+            io.BytesIO(data),
+            validator,
+            max_lines=max_lines,
+            max_bytes=max_bytes,
+            lines_setting=lines_setting,
+            bytes_setting=bytes_setting,
         )
-    if data.startswith(UTF8_BOM):  # Windows tools write one; it is not part of line 1
-        data = data[len(UTF8_BOM) :]
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    if len(lines) > max_lines:
-        raise InputError(
-            source,
-            [
-                LineError(
-                    0,
-                    None,
-                    f"file has {len(lines):,} lines, over the {max_lines:,}-line limit; "
-                    "split it into several batches",
-                )
-            ],
-        )
-    items: list[tuple[int, Any]] = []
-    errors = _Collector()
-    for number, raw in enumerate(lines, start=1):
-        if raw.endswith(b"\r"):
-            raw = raw[:-1]
-        if not raw.strip():
-            continue  # blank lines carry nothing; tolerate them like most JSONL readers
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            errors.add(number, None, f"not valid UTF-8 (byte {exc.start + 1} of the line)")
-            continue
-        try:
-            items.append((number, orjson.loads(raw)))
-        except orjson.JSONDecodeError as exc:
-            errors.add(number, None, f"not valid JSON: {json_problem(exc)}")
-    if not items and not errors.count:
-        errors.add(0, None, "no requests: the file is empty")
-    return _validate(items, errors, source=source, default_model=default_model)
+    )
+    endpoint, model, digest = validator.finish(requests, empty="the file is empty")
+    return ParsedBatch(requests=requests, endpoint=endpoint, model=model, fingerprint=digest)
 
 
 def json_problem(exc: orjson.JSONDecodeError) -> str:
@@ -141,56 +408,14 @@ def parse_items(
 
     Positions are reported as 1-based "line" numbers, the item's index + 1.
     """
-    numbered: list[tuple[int, Any]] = []
-    for number, item in enumerate(items, start=1):
-        numbered.append((number, {"prompt": item} if isinstance(item, str) else item))
-    errors = _Collector()
-    if not numbered:
-        errors.add(0, None, "no requests: nothing to submit")
-    return _validate(numbered, errors, source=source, default_model=default_model)
-
-
-def _validate(
-    items: list[tuple[int, Any]], errors: _Collector, *, source: str, default_model: str
-) -> ParsedBatch:
+    validator = Validator(source=source, default_model=default_model)
     requests: list[QueuedRequest] = []
-    seen: dict[str, int] = {}
-    endpoint: str | None = None
-    endpoint_line = 0
-    for number, obj in items:
-        request = _one(number, obj, errors, default_model)
-        if request is None:
-            continue
-        req, url = request
-        if endpoint is None:
-            endpoint, endpoint_line = url, number
-        elif url != endpoint:
-            errors.add(
-                number,
-                "url",
-                f"'{url}' differs from '{endpoint}' on line {endpoint_line}; "
-                "a batch targets one endpoint",
-            )
-            continue
-        first = seen.get(req.custom_id)
-        if first is not None:
-            errors.add(
-                number,
-                "custom_id",
-                f"duplicate custom_id '{req.custom_id}' (first on line {first}); "
-                "custom_id must be unique within a batch",
-            )
-            continue
-        seen[req.custom_id] = number
-        requests.append(req)
-    if errors.count:
-        raise InputError(source, errors.errors, total=errors.count)
-    models = {str(r.body.get("model", default_model)) for r in requests}
-    return ParsedBatch(
-        requests=requests,
-        endpoint=endpoint or CHAT_ENDPOINT,
-        model=models.pop() if len(models) == 1 else "mixed",
-    )
+    for number, item in enumerate(items, start=1):
+        request = validator.add(number, {"prompt": item} if isinstance(item, str) else item)
+        if request is not None:
+            requests.append(request)
+    endpoint, model, digest = validator.finish(requests)
+    return ParsedBatch(requests=requests, endpoint=endpoint, model=model, fingerprint=digest)
 
 
 def _custom_id(number: int, value: Any, errors: _Collector, *, required: bool) -> str | None:

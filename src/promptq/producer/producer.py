@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -22,7 +22,13 @@ from typing import Any
 import orjson
 from arq.connections import ArqRedis
 
-from promptq.producer.parsing import ParsedBatch, parse_items, parse_jsonl
+from promptq.producer.parsing import (
+    ParsedBatch,
+    Requests,
+    SpooledBatch,
+    parse_items,
+    spool_jsonl,
+)
 from promptq.shared import keys
 from promptq.shared.batches import BatchStore
 from promptq.shared.chatqueue import ChatQueue
@@ -36,7 +42,7 @@ from promptq.shared.errors import (
     QueueFull,
     RedisUnavailable,
 )
-from promptq.shared.models import BatchInfo, BatchStats, Priority, Result
+from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
@@ -53,10 +59,15 @@ def new_batch_id() -> str:
     return f"batch_{uuid.uuid4().hex}"
 
 
-def fingerprint(parsed: ParsedBatch) -> str:
-    """A digest of what a batch asks for: its endpoint and every (custom_id, body) pair,
-    in custom_id order (line order does not matter). Stored in the batch hash, so that a
-    resumed run can check it was given the same input."""
+def fingerprint(parsed: Requests) -> str:
+    """A digest of what a batch asks for: its endpoint and every (custom_id, body) pair
+    (line order does not matter). Stored in the batch hash, so that a resumed run can
+    check it was given the same input."""
+    return parsed.fingerprint
+
+
+def legacy_fingerprint(parsed: Requests) -> str:
+    """The fingerprint batches of promptq before 0.2 stored (every request in memory)."""
     digest = hashlib.sha256(parsed.endpoint.encode())
     for request in sorted(parsed.requests, key=lambda r: r.custom_id):
         digest.update(b"\0" + request.custom_id.encode() + b"\0")
@@ -64,28 +75,36 @@ def fingerprint(parsed: ParsedBatch) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def parse_file(path: str | Path, *, settings: Settings) -> ParsedBatch:
-    """Read and validate a JSONL file whole (size and line limits from ``settings``)."""
+def parse_file(path: str | Path, *, settings: Settings) -> SpooledBatch:
+    """Validate a JSONL file line by line into a spool (size and line limits from
+    ``settings``); the file is refused before it is read when it is too big."""
     path = Path(path)
     limit = settings.max_file_bytes
     try:
         size = path.stat().st_size
-        if size > limit:  # refuse before reading a huge file into memory
+        if size > limit:  # refuse before reading a huge file
             raise InputError(
                 str(path),
-                [LineError(0, None, f"file is {size:,} bytes, over the {limit:,}-byte limit")],
+                [
+                    LineError(
+                        0,
+                        None,
+                        f"file is {size:,} bytes, over the {limit:,}-byte limit; split it "
+                        "into several batches or raise PROMPTQ_MAX_FILE_BYTES",
+                    )
+                ],
             )
-        data = path.read_bytes()
+        with path.open("rb") as stream:
+            return spool_jsonl(
+                stream,
+                source=str(path),
+                default_model=settings.model,
+                max_lines=settings.max_lines,
+                max_bytes=limit,
+            )
     except OSError as exc:
         problem = LineError(0, None, f"cannot read: {exc.strerror}")
         raise InputError(str(path), [problem]) from exc
-    return parse_jsonl(
-        data,
-        source=str(path),
-        default_model=settings.model,
-        max_lines=settings.max_lines,
-        max_bytes=limit,
-    )
 
 
 class Producer:
@@ -145,7 +164,7 @@ class Producer:
 
     async def submit(
         self,
-        items: Iterable[str | Mapping[str, Any]] | ParsedBatch,
+        items: Iterable[str | Mapping[str, Any]] | Requests,
         *,
         batch_id: str | None = None,
         priority: Priority | str = Priority.BULK,
@@ -172,11 +191,11 @@ class Producer:
         existing batch is returned (with a fresh claim ticket if it is still running, in
         case every worker died); if it holds other requests, ``BatchError``. A batch
         still ``validating`` (its producer died while enqueueing) or absent is submitted
-        anew.
+        anew; one whose producer died while loading it gets the rest of its requests.
         """
         parsed = (
             items
-            if isinstance(items, ParsedBatch)
+            if isinstance(items, ParsedBatch | SpooledBatch)
             else parse_items(items, default_model=self.settings.model)
         )
         if resume and batch_id is None:
@@ -201,7 +220,7 @@ class Producer:
             options["result_ttl_s"] = result_ttl_s
         if retry_of is not None:
             options["retry_of"] = retry_of
-        await self.check_backpressure(len(parsed.requests))
+        await self.check_backpressure(parsed.total)
         await self._enqueue(parsed, batch_id, Priority(priority), options)
         return Batch(self, batch_id)
 
@@ -248,7 +267,7 @@ class Producer:
         requests = await self.store.requests_of(batch_id, failed_ids)
         if len(requests) != len(failed_ids):
             raise BatchError(f"the requests of batch '{batch_id}' have expired from Redis")
-        parsed = ParsedBatch(requests=requests, endpoint=old.endpoint, model=old.model or "")
+        parsed = ParsedBatch.of(requests, endpoint=old.endpoint, model=old.model or "")
         batch = await self.submit(
             parsed, batch_id=new_batch_id, priority=old.priority, retry_of=batch_id
         )
@@ -268,20 +287,21 @@ class Producer:
         resume: bool = False,
     ) -> Batch:
         """Validate a JSONL file whole, then enqueue it (``resume``: see ``submit``)."""
-        parsed = self.parse_file(path)
-        return await self.submit(parsed, batch_id=batch_id, priority=priority, resume=resume)
+        with self.parse_file(path) as parsed:
+            return await self.submit(parsed, batch_id=batch_id, priority=priority, resume=resume)
 
-    def parse_file(self, path: str | Path) -> ParsedBatch:
+    def parse_file(self, path: str | Path) -> SpooledBatch:
+        """Validate a JSONL file into a spool (close it, or use it in ``with``)."""
         return parse_file(path, settings=self.settings)
 
     async def _enqueue(
         self,
-        parsed: ParsedBatch,
+        parsed: Requests,
         batch_id: str,
         priority: Priority,
         options: Mapping[str, str | int | float] | None = None,
     ) -> None:
-        total = len(parsed.requests)
+        total = parsed.total
         fields: dict[str, str | int | float] = {
             "total": total,
             "model": parsed.model,
@@ -293,37 +313,52 @@ class Producer:
         existing = await self.store.create(batch_id, fields)
         if existing:
             raise BatchExists(batch_id, existing)
-        # Requests first, in chunks, while the batch says 'validating': workers ignore it.
-        for start in range(0, total, WRITE_CHUNK):
-            await self.store.write(batch_id, parsed.requests[start : start + WRITE_CHUNK])
-        # Then one script flips it to 'queued' and lists it as runnable: a producer that
-        # dies before this leaves a 'validating' batch that nothing runs, never a
-        # 'queued' batch that no worker would find.
-        await self.store.queue(batch_id, total)
+        # The first chunk while the batch says 'validating' (workers ignore it), then one
+        # script flips it to 'queued' and lists it: workers start on it while the rest is
+        # written. A producer that dies before the flip leaves a 'validating' batch that
+        # nothing runs; one that dies after it leaves a batch that resuming completes.
+        chunks = parsed.chunks(WRITE_CHUNK)
+        first = next(chunks)
+        await self.store.append(batch_id, first)
+        await self.store.queue(batch_id, total, written=len(first))
+        await self._load(batch_id, chunks)
 
-    async def _resume(self, parsed: ParsedBatch, batch_id: str) -> bool:
+    async def _load(self, batch_id: str, chunks: Iterator[list[QueuedRequest]]) -> None:
+        """Write the rest of a queued batch's requests, in input order."""
+        stopped = False
+        for chunk in chunks:
+            stopped = (await self.store.append(batch_id, chunk)).stopped or stopped
+        if stopped:  # cancelled while loading: what came after the stop ends the same way
+            await self.store.stop_again(batch_id)
+
+    async def _resume(self, parsed: Requests, batch_id: str) -> bool:
         """Take up an existing batch with the same requests; False if there is none to
         take up (absent, or left 'validating' by a producer that died enqueueing it)."""
-        status_raw, stored, total = await self.store.fields(
-            batch_id, "status", "fingerprint", "total"
+        status_raw, stored, total, written = await self.store.fields(
+            batch_id, "status", "fingerprint", "total", "written"
         )
         status = Status(status_raw) if status_raw else None
         if status is None or status is Status.VALIDATING:
             return False
-        if stored is not None:
+        if stored is not None and stored.startswith("sha256:"):
+            same = stored == legacy_fingerprint(parsed)  # a batch of an older promptq
+        elif stored is not None:
             same = stored == fingerprint(parsed)
         else:  # submitted by an older promptq: compare the custom_ids at least
             ids = {decode(c) async for c in self.redis.hscan_iter(keys.requests(batch_id))}
-            same = total == str(len(parsed.requests)) and ids == {
-                r.custom_id for r in parsed.requests
-            }
+            same = total == str(parsed.total) and ids == {r.custom_id for r in parsed.requests}
         if not same:
             raise BatchError(
                 f"batch '{batch_id}' exists ({status.value}, {total} requests) but was "
-                f"submitted from other requests than these {len(parsed.requests)} "
+                f"submitted from other requests than these {parsed.total} "
                 "(custom_ids, bodies or default model differ); resume it with the same "
                 "input, or choose another --batch-id"
             )
+        done = int(written or total or 0)
+        if done < parsed.total:  # its producer died while loading it: write the rest
+            logger.info("batch %s: writing the %d requests not loaded yet", batch_id,
+                        parsed.total - done)  # fmt: skip
+            await self._load(batch_id, parsed.chunks(WRITE_CHUNK, skip=done))
         if status in CLAIMABLE:
             # Every worker may have died with it: their requests go back once their
             # heartbeats expire, and any live worker picks the batch up when woken.

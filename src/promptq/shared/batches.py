@@ -26,8 +26,9 @@ from arq.connections import ArqRedis
 from promptq.shared import keys, scripts
 from promptq.shared.errors import BatchError
 from promptq.shared.models import QueuedRequest
-from promptq.shared.results import stop_template
+from promptq.shared.results import Outcome, stop_template
 from promptq.shared.scripts import decode
+from promptq.shared.stats import latency_bucket, usage_tokens
 from promptq.shared.status import RUNNING, Status, parse
 
 logger = logging.getLogger(__name__)
@@ -36,10 +37,36 @@ logger = logging.getLogger(__name__)
 STOP_CHUNK = 1000
 CANCELLED_CODE = "batch_cancelled"
 CANCELLED_MESSAGE = "the batch was cancelled before this request was sent"
+#: finished batches swept per call (each: one UNLINK of its keys)
+SWEEP_BATCH = 20
+#: a big key of a finished batch expires this long after its TTL, should no worker
+#: sweep it (then Redis frees it on its main thread, unless lazyfree-lazy-expire is on)
+SWEEP_BACKSTOP_S = 3 * 24 * 3600
 #: ids read per command when a batch is read in order (keeps each command short)
 READ_CHUNK = 1000
 #: an aggregator job not started within this time is dropped by arq (the batch is gone)
 AGGREGATE_JOB_EXPIRES_S = 7 * 24 * 3600
+
+
+#: items per result in ``record``'s arguments
+RECORD_ARGS = 9
+
+
+def record_args(custom_id: str, line: bytes, outcome: Outcome) -> tuple[Any, ...]:
+    """The arguments that record one result: the line, and what the tally counts."""
+    sent = outcome.attempts > 0
+    tokens_in, tokens_out = usage_tokens(outcome.body) if outcome.ok else (0, 0)
+    return (
+        custom_id,
+        line,
+        1 if outcome.ok else 0,
+        max(outcome.attempts - 1, 0),
+        repr(outcome.latency_ms) if sent else "",
+        latency_bucket(outcome.latency_ms) if sent else "",
+        tokens_in,
+        tokens_out,
+        "" if outcome.error is None else outcome.error.code,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +79,15 @@ class Claim:
     endpoint: str
     requests: list[QueuedRequest]
     token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What one append did: requests written so far, and whether the batch is stopped
+    (then the caller stops it again once done, so the new ones end the same way)."""
+
+    written: int
+    stopped: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +118,7 @@ class BatchStore:
         self.redis = redis
         self._create = scripts.register(redis, "batch_create")
         self._queue = scripts.register(redis, "batch_queue")
+        self._append = scripts.register(redis, "batch_append")
         self._claim = scripts.register(redis, "batch_claim")
         self._record = scripts.register(redis, "batch_record")
         self._finish = scripts.register(redis, "batch_finish")
@@ -89,6 +126,7 @@ class BatchStore:
         self._stop = scripts.register(redis, "batch_stop")
         self._fail_validating = scripts.register(redis, "batch_fail_validating")
         self._relist = scripts.register(redis, "batch_relist")
+        self._sweep_due = scripts.register(redis, "sweep_due")
 
     # -- producing -----------------------------------------------------------------------
 
@@ -108,28 +146,40 @@ class BatchStore:
         )
         return decode(reply)
 
-    async def write(self, batch_id: str, requests: Sequence[QueuedRequest]) -> None:
-        """Add requests to a ``validating`` batch (one round trip; workers ignore them
-        until ``queue``)."""
-        ids = [r.custom_id for r in requests]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(keys.requests(batch_id), mapping={r.custom_id: r.to_json() for r in requests})
-            pipe.rpush(keys.pending(batch_id), *ids)
-            pipe.rpush(keys.order(batch_id), *ids)
-            await pipe.execute()
+    async def append(self, batch_id: str, requests: Sequence[QueuedRequest]) -> Appended:
+        """Write requests of a batch, in input order (one script call; a ``validating``
+        batch's requests wait for ``queue``, a queued one's can be claimed at once)."""
+        args: list[Any] = [batch_id]
+        for r in requests:
+            args += [r.custom_id, r.to_json()]
+        written, stopped = await self._append(
+            keys=[
+                keys.batch(batch_id),
+                keys.requests(batch_id),
+                keys.pending(batch_id),
+                keys.order(batch_id),
+                keys.RUNNABLE,
+            ],
+            args=args,
+        )
+        if int(written) < 0:
+            raise BatchError(f"batch {batch_id} is gone (expired or deleted) while loading")
+        return Appended(int(written), bool(int(stopped)))
 
-    async def queue(self, batch_id: str, total: int) -> None:
-        """Flip a fully written batch to ``queued``, list it, and wake the workers.
-        Raises ``BatchError`` when the batch is not ``validating`` or incomplete."""
+    async def queue(self, batch_id: str, total: int, *, written: int | None = None) -> None:
+        """Flip a batch whose first ``written`` requests (default: all ``total``) are in to
+        ``queued``, list it, and wake the workers; until the rest is written it is
+        ``loading``. Raises ``BatchError`` when the batch is not ``validating`` or fewer
+        requests made it than ``written``."""
         flipped, detail = await self._queue(
             keys=[
                 keys.batch(batch_id),
-                keys.pending(batch_id),
+                keys.order(batch_id),
                 keys.BATCHES,
                 keys.RUNNABLE,
                 keys.ACTIVE,
             ],
-            args=[batch_id, total],
+            args=[batch_id, total, total if written is None else written],
         )
         if int(flipped) != 1:
             raise BatchError(f"batch {batch_id} could not be queued: {decode(detail)}")
@@ -210,6 +260,11 @@ class BatchStore:
         values: list[bytes | None] = await self.redis.hmget(keys.results(batch_id), ids)  # type: ignore[misc]
         return [v for v in values if v is not None]
 
+    async def tally(self, batch_id: str) -> dict[str, str]:
+        """The batch's running tally (``shared.stats``)."""
+        raw = await self.redis.hgetall(keys.tally(batch_id))  # type: ignore[misc]
+        return {decode(k): decode(v) for k, v in raw.items()}
+
     async def status(self, batch_id: str) -> Status | None:
         return parse(await self.redis.hget(keys.batch(batch_id), "status"))  # type: ignore[misc]
 
@@ -273,6 +328,7 @@ class BatchStore:
                     keys.results(batch_id),
                     keys.events(batch_id),
                     keys.RUNNABLE,
+                    keys.tally(batch_id),
                 ],
                 args=[batch_id, STOP_CHUNK, code, message, final_status, reason,
                       prefix, middle, suffix],
@@ -351,16 +407,18 @@ class BatchStore:
         return bool(int(listed))
 
     async def record(self, batch_id: str, args: Sequence[Any]) -> Recorded:
-        """Record results: ``args`` holds 4 items per result (custom_id, line JSON, ok
-        1|0, retries). Each custom_id counts once, whatever happens."""
+        """Record results: ``args`` holds ``RECORD_ARGS`` items per result (see
+        ``record_args``). Each custom_id counts once, whatever happens."""
         added, final, too_many = await self._record(
             keys=[
                 keys.batch(batch_id),
                 keys.results(batch_id),
                 keys.inflight(batch_id),
                 keys.events(batch_id),
+                keys.requests(batch_id),
+                keys.tally(batch_id),
             ],
-            args=[len(args) // 4, *args],
+            args=[len(args) // RECORD_ARGS, *args],
         )
         return Recorded(int(added), bool(int(final)), bool(int(too_many)))
 
@@ -414,7 +472,7 @@ class BatchStore:
 
     async def finish(self, batch_id: str, *, ttl_s: int, stats: Mapping[str, str]) -> str:
         """Write the stats and the terminal status of a finalizing batch (no-op for any
-        other); returns the status afterwards."""
+        other); returns the status afterwards. Its keys go ``ttl_s`` later (``sweep``)."""
         fields = [item for pair in stats.items() for item in pair]
         final = decode(
             await self._finish(
@@ -423,17 +481,32 @@ class BatchStore:
                     keys.stats(batch_id),
                     keys.events(batch_id),
                     keys.claims(batch_id),
+                    keys.tally(batch_id),
+                    keys.SWEEP,
+                    keys.events(batch_id),
                     keys.requests(batch_id),
                     keys.pending(batch_id),
                     keys.order(batch_id),
                     keys.inflight(batch_id),
                     keys.results(batch_id),
                 ],
-                args=[ttl_s, *fields],
+                args=[ttl_s, batch_id, SWEEP_BACKSTOP_S, *fields],
             )
         )
         await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]
         return final
+
+    async def sweep(self, *, limit: int = SWEEP_BATCH) -> int:
+        """UNLINK the keys of finished batches whose TTL is up (Redis frees big values
+        off its main thread); returns how many batches went."""
+        due = [decode(b) for b in await self._sweep_due(keys=[keys.SWEEP], args=[limit])]
+        for batch_id in due:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.unlink(*keys.batch_keys(batch_id))
+                pipe.zrem(keys.SWEEP, batch_id)
+                pipe.zrem(keys.BATCHES, batch_id)
+                await pipe.execute()
+        return len(due)
 
     async def active(self) -> list[str]:
         """Batches that may hold requests in flight (queued to finalizing): a dead

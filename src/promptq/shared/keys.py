@@ -34,6 +34,9 @@ RUNNABLE = f"{PREFIX}:runnable"
 BATCHES = f"{PREFIX}:batches"
 #: Set of batch ids that may have queued requests (backpressure sums their queues).
 ACTIVE = f"{PREFIX}:batches:active"
+#: Sorted set: finished batches scored by when their keys are to go (unix seconds, Redis'
+#: clock); workers UNLINK them then, so no big key is ever freed on Redis' main thread.
+SWEEP = f"{PREFIX}:sweep"
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds, Redis' clock).
 WORKERS = f"{PREFIX}:workers"
 
@@ -73,6 +76,13 @@ def results(batch_id: str) -> str:
     return f"{batch(batch_id)}:results"
 
 
+def tally(batch_id: str) -> str:
+    """Hash: the running tally of recorded results (``in``/``out`` tokens, ``lat_n``,
+    ``lat_sum``, ``lat_max``, ``h:<bucket>`` latency histogram, ``e:<code>`` errors);
+    the aggregator's stats come from it."""
+    return f"{batch(batch_id)}:tally"
+
+
 def events(batch_id: str) -> str:
     """Stream: one entry per finished request (field ``c`` = custom_id), then ``end``."""
     return f"{batch(batch_id)}:events"
@@ -96,6 +106,7 @@ def batch_keys(batch_id: str) -> list[str]:
         results(batch_id),
         events(batch_id),
         claims(batch_id),
+        tally(batch_id),
     ]
 
 

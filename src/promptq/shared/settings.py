@@ -66,8 +66,12 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(
         default=0.5, gt=0, description="fallback queue poll; wake-ups make pickup immediate"
     )
-    max_file_bytes: PositiveInt = 200 * 1024 * 1024
-    max_lines: PositiveInt = 50_000
+    max_file_bytes: PositiveInt = Field(
+        default=2 * 1024**3, description="run/submit: input files up to this size"
+    )
+    max_lines: PositiveInt = Field(
+        default=1_000_000, description="run/submit/Python API: batches up to this many lines"
+    )
     heartbeat_s: float = Field(default=2.0, gt=0)
     max_queued: PositiveInt | None = Field(
         default=None,
@@ -95,6 +99,13 @@ class Settings(BaseSettings):
     # `promptq serve` (the HTTP API):
     api_host: str = Field(default="127.0.0.1", description="interface `promptq serve` binds")
     api_port: int = Field(default=8000, ge=0, le=65535, description="port of `promptq serve`")
+    api_max_file_bytes: PositiveInt = Field(
+        default=200 * 1024 * 1024,
+        description="POST /v1/files: uploads up to this size (OpenAI's Batch API limit)",
+    )
+    api_max_lines: PositiveInt = Field(
+        default=50_000, description="POST /v1/files: files up to this many lines (OpenAI's)"
+    )
     api_file_ttl_s: PositiveInt = Field(
         default=7 * 24 * 3600, description="how long a file uploaded over HTTP stays in Redis"
     )

@@ -15,10 +15,9 @@ import asyncio
 import logging
 from typing import Any
 
-from promptq.shared import serialization
 from promptq.shared.batches import BatchStore
 from promptq.shared.connection import REDIS_DOWN, RedisHealth
-from promptq.shared.stats import compute_stats
+from promptq.shared.stats import stats_from_tally
 from promptq.shared.status import Status
 
 logger = logging.getLogger(__name__)
@@ -39,10 +38,14 @@ async def aggregate(store: BatchStore, batch_id: str, *, default_ttl_s: int) -> 
     raw = await store.read(batch_id)
     if raw.get("status") != Status.FINALIZING:
         return raw.get("status", "")
-    lines = [serialization.loads(value) async for value in store.result_lines(batch_id)]
     created = float(raw.get("created_at") or 0)
     last = float(raw.get("last_result_at") or created)
-    stats = compute_stats(lines, wall_s=max(last - created, 0.0))
+    stats = stats_from_tally(
+        await store.tally(batch_id),
+        succeeded=int(raw.get("succeeded") or 0),
+        failed=int(raw.get("failed") or 0),
+        wall_s=max(last - created, 0.0),
+    )
     # a batch may keep its results for less (the HTTP chat lane: minutes, not days)
     ttl_s = int(raw.get("result_ttl_s") or default_ttl_s)
     final = await store.finish(batch_id, ttl_s=ttl_s, stats=stats.to_redis())

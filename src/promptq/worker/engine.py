@@ -126,6 +126,7 @@ class Engine:
         )
         self.supervisor = Supervisor(
             registry=self.registry,
+            store=self.store,
             dispatcher=self.dispatcher,
             recovery=self.recovery,
             health=self.health,

@@ -6,6 +6,8 @@
   or a claim failed without an answer): the recheck of what it owns against what it
   holds (``worker.recovery``);
 * the recovery of dead workers' requests;
+* the sweep of finished batches whose TTL is up (their keys UNLINKed, freed off
+  Redis' main thread);
 * the cooldowns other workers set, for a worker without RPM/TPM limits (which keeps
   them locally, so that it makes no extra round trip per request), and whether another
   worker opened the upstream's circuit breaker.
@@ -19,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from promptq.shared import keys
+from promptq.shared.batches import BatchStore
 from promptq.shared.connection import REDIS_DOWN, RedisHealth
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.registry import WorkerRegistry
@@ -36,6 +39,7 @@ class Supervisor:
         self,
         *,
         registry: WorkerRegistry,
+        store: BatchStore,
         dispatcher: Dispatcher,
         recovery: Recovery,
         health: RedisHealth,
@@ -45,6 +49,7 @@ class Supervisor:
         suspect: Callable[[], bool],
     ) -> None:
         self.registry = registry
+        self.store = store
         self.dispatcher = dispatcher
         self.recovery = recovery
         self.health = health
@@ -69,6 +74,7 @@ class Supervisor:
                 if await self.recovery.recheck():
                     self.checked = seen
             await self.recovery.reap_dead()
+            await self.sweep()
             if self.limiter is not None and not self.limiter.enforcing:
                 await self.limiter.refresh()
             if self.breaker is not None and not self.breaker.tripped:
@@ -77,6 +83,10 @@ class Supervisor:
             self.health.failed(exc, doing="sending the heartbeat")
         except Exception as exc:
             logger.warning("heartbeat failed: %s", exc)
+
+    async def sweep(self) -> None:
+        """UNLINK finished batches whose TTL is up (any worker; each once)."""
+        await self.store.sweep()
 
     async def beat(self) -> None:
         """One heartbeat, with the latency histogram since the last one (for /metrics)."""

@@ -8,5 +8,5 @@ if existing then
   redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 end
 redis.call('HSET', KEYS[1], 'status', S.VALIDATING, 'created_at', now_s(),
-           'succeeded', 0, 'failed', 0, 'retries', 0, unpack(ARGV))
+           'succeeded', 0, 'failed', 0, 'retries', 0, 'written', 0, unpack(ARGV))
 return ''

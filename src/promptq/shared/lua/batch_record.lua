@@ -1,17 +1,39 @@
--- KEYS: batch, results, inflight, events.
--- ARGV: n, then n groups of (custom_id, result_json, ok 1|0, retries).
+-- KEYS: batch, results, inflight, events, requests, tally.
+-- ARGV: n, then n groups of 9: custom_id, result JSON, ok 1|0, retries, latency_ms (''
+-- for a request never sent), its histogram bucket, input tokens, output tokens, error
+-- code ('' for a success).
 -- Records results exactly once per custom_id (HSETNX): a request that ran twice after a
--- crash counts once. Returns {newly_recorded, became_final 1|0, failure_rate_exceeded
--- 1|0}; exactly one caller ever sees became_final = 1 (the batch is then finalizing).
--- The failure-rate check uses the batch's max_failure_rate / failure_min_sample fields.
+-- crash counts once, in the counters and in the tally alike. A success's request body
+-- is dropped (nothing reads it again; a failure's stays for retry-failed). Returns
+-- {newly_recorded, became_final 1|0, failure_rate_exceeded 1|0}; exactly one caller ever
+-- sees became_final = 1. The failure-rate check uses the batch's `max_failure_rate` and
+-- `failure_min_sample` fields, when set.
 local n = tonumber(ARGV[1])
 local added, ok, failed, retries = 0, 0, 0, 0
+local tokens_in, tokens_out, lat_n, lat_sum, lat_max = 0, 0, 0, 0, 0
+local buckets, codes = {}, {}
 for i = 0, n - 1 do
-  local cid = ARGV[2 + i * 4]
-  if redis.call('HSETNX', KEYS[2], cid, ARGV[3 + i * 4]) == 1 then
+  local a = 2 + i * 9
+  local cid = ARGV[a]
+  if redis.call('HSETNX', KEYS[2], cid, ARGV[a + 1]) == 1 then
     added = added + 1
-    if ARGV[4 + i * 4] == '1' then ok = ok + 1 else failed = failed + 1 end
-    retries = retries + tonumber(ARGV[5 + i * 4])
+    if ARGV[a + 2] == '1' then
+      ok = ok + 1
+      redis.call('HDEL', KEYS[5], cid)
+    else
+      failed = failed + 1
+    end
+    retries = retries + tonumber(ARGV[a + 3])
+    if ARGV[a + 4] ~= '' then
+      local latency = tonumber(ARGV[a + 4])
+      lat_n = lat_n + 1
+      lat_sum = lat_sum + latency
+      if latency > lat_max then lat_max = latency end
+      buckets[ARGV[a + 5]] = (buckets[ARGV[a + 5]] or 0) + 1
+    end
+    tokens_in = tokens_in + tonumber(ARGV[a + 6])
+    tokens_out = tokens_out + tonumber(ARGV[a + 7])
+    if ARGV[a + 8] ~= '' then codes[ARGV[a + 8]] = (codes[ARGV[a + 8]] or 0) + 1 end
     redis.call('XADD', KEYS[4], '*', 'c', cid)
   end
   redis.call('HDEL', KEYS[3], cid)
@@ -20,6 +42,17 @@ if added == 0 then return {0, 0, 0} end
 local s = redis.call('HINCRBY', KEYS[1], 'succeeded', ok)
 local f = redis.call('HINCRBY', KEYS[1], 'failed', failed)
 redis.call('HINCRBY', KEYS[1], 'retries', retries)
+if tokens_in > 0 then redis.call('HINCRBY', KEYS[6], 'in', tokens_in) end
+if tokens_out > 0 then redis.call('HINCRBY', KEYS[6], 'out', tokens_out) end
+if lat_n > 0 then
+  redis.call('HINCRBY', KEYS[6], 'lat_n', lat_n)
+  redis.call('HINCRBYFLOAT', KEYS[6], 'lat_sum', lat_sum)
+  if lat_max > tonumber(redis.call('HGET', KEYS[6], 'lat_max') or '0') then
+    redis.call('HSET', KEYS[6], 'lat_max', lat_max)
+  end
+end
+for bucket, count in pairs(buckets) do redis.call('HINCRBY', KEYS[6], 'h:' .. bucket, count) end
+for code, count in pairs(codes) do redis.call('HINCRBY', KEYS[6], 'e:' .. code, count) end
 local now = now_s()
 redis.call('HSET', KEYS[1], 'last_result_at', now)
 local total = tonumber(redis.call('HGET', KEYS[1], 'total'))

@@ -1,4 +1,4 @@
--- KEYS: batch, pending, results, events, runnable (index).
+-- KEYS: batch, pending, results, events, runnable (index), tally.
 -- ARGV: batch id, max count, error code, error message, final status, reason, then the
 -- result line template (prefix, middle, suffix around the JSON id and custom_id).
 -- Stops a batch: a user's cancel (final 'cancelled', status 'cancelling' meanwhile) or
@@ -38,6 +38,7 @@ if ids then
   end
 end
 local f = redis.call('HINCRBY', KEYS[1], 'failed', added)
+if added > 0 then redis.call('HINCRBY', KEYS[6], 'e:' .. ARGV[3], added) end
 local remaining = redis.call('LLEN', KEYS[2])
 local total = tonumber(redis.call('HGET', KEYS[1], 'total') or '0')
 local s = tonumber(redis.call('HGET', KEYS[1], 'succeeded') or '0')

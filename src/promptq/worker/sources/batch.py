@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from promptq.shared import keys, serialization
-from promptq.shared.batches import BatchStore
+from promptq.shared.batches import RECORD_ARGS, BatchStore, record_args
 from promptq.shared.connection import RedisHealth, is_redis_outage
 from promptq.shared.errors import stops_batch
 from promptq.shared.results import Outcome, result_line
@@ -181,10 +181,8 @@ class BatchSource:
     # -- recording -----------------------------------------------------------------------
 
     def finished(self, job: Job, outcome: Outcome) -> None:
-        line = result_line(job.key, outcome)
-        self._buffer.setdefault(job.group, []).extend(
-            (job.key, serialization.dumps(line), 1 if outcome.ok else 0, outcome.attempts - 1)
-        )
+        line = serialization.dumps(result_line(job.key, outcome))
+        self._buffer.setdefault(job.group, []).extend(record_args(job.key, line, outcome))
         error = outcome.error
         if error is not None and stops_batch(error):
             if error.code == UNREACHABLE:
@@ -215,7 +213,7 @@ class BatchSource:
             raise
         state = self.batches.get(batch_id)
         if state is not None:
-            state.held.difference_update(args[::4])
+            state.held.difference_update(args[::RECORD_ARGS])
         if recorded.became_final:
             logger.info("batch %s: last request done, aggregating", batch_id)
             self.on_final(batch_id)
