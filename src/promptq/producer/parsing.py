@@ -175,6 +175,11 @@ class _Collector:
             self.errors.append(LineError(line, field, message))
 
 
+def id_key(custom_id: str) -> int:
+    """8 bytes of a hash of a custom_id: what the uniqueness check keeps of it."""
+    return int.from_bytes(hashlib.blake2b(custom_id.encode(), digest_size=8).digest())
+
+
 def request_digest(custom_id: str, body: Any) -> int:
     """A request's part of a batch fingerprint (its custom_id and canonical body)."""
     h = hashlib.blake2b(custom_id.encode() + b"\0", digest_size=32)
@@ -201,7 +206,7 @@ class Validator:
     endpoint_line: int = 0
     models: set[str] = field(default_factory=set)
     _ids: set[int] = field(default_factory=set)
-    _suspects: dict[str, int] = field(default_factory=dict)  # custom_id -> its later line
+    _suspects: list[tuple[str, int]] = field(default_factory=list)  # (custom_id, line)
     _digest_sum: int = 0
 
     def add(self, number: int, obj: Any) -> QueuedRequest | None:
@@ -220,9 +225,9 @@ class Validator:
                 "a batch targets one endpoint",
             )
             return None
-        key = int.from_bytes(hashlib.blake2b(req.custom_id.encode(), digest_size=8).digest())
+        key = id_key(req.custom_id)
         if key in self._ids:  # a duplicate, or two ids with one hash: confirmed later
-            self._suspects.setdefault(req.custom_id, number)
+            self._suspects.append((req.custom_id, number))
         else:
             self._ids.add(key)
         if len(self.models) < 2:
@@ -238,11 +243,12 @@ class Validator:
         (endpoint, model, fingerprint). ``written``: the valid requests again, read only
         to confirm suspected duplicates (their first line)."""
         if self._suspects:
+            suspected = {custom_id for custom_id, _line in self._suspects}
             first: dict[str, int] = {}
             for req in written:
-                if req.custom_id in self._suspects and req.custom_id not in first:
+                if req.custom_id in suspected and req.custom_id not in first:
                     first[req.custom_id] = req.line
-            for custom_id, line in self._suspects.items():
+            for custom_id, line in self._suspects:
                 if first.get(custom_id, line) < line:  # seen on an earlier line: a duplicate
                     self.errors.add(
                         line,

@@ -47,8 +47,8 @@ from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
 
-#: requests written per pipeline round trip while enqueueing
-WRITE_CHUNK = 2000
+#: requests written per script call while enqueueing (each call stays a few ms)
+WRITE_CHUNK = 500
 #: a follower (as_completed, wait) rides out a Redis restart for up to this long
 FOLLOW_RECONNECT_S = 120.0
 

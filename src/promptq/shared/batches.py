@@ -34,7 +34,7 @@ from promptq.shared.status import RUNNING, Status, parse
 logger = logging.getLogger(__name__)
 
 #: never-sent requests given their result per stop script call (keeps each call short)
-STOP_CHUNK = 1000
+STOP_CHUNK = 500
 CANCELLED_CODE = "batch_cancelled"
 CANCELLED_MESSAGE = "the batch was cancelled before this request was sent"
 #: finished batches swept per call (each: one UNLINK of its keys)

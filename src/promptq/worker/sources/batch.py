@@ -40,6 +40,8 @@ from promptq.worker.sources import Job
 
 logger = logging.getLogger(__name__)
 
+#: results recorded per script call at most (a longer call would hold Redis up)
+RECORD_MAX = 256
 #: batches asked of the runnable index per claim (the first with requests wins)
 CANDIDATES = 8
 #: a failed claim is tried again after this long, doubling up to CLAIM_RETRY_MAX_S
@@ -204,8 +206,14 @@ class BatchSource:
         return bool(self._buffer)
 
     async def flush(self) -> bool:
-        batch_id, args = next(iter(self._buffer.items()))
-        del self._buffer[batch_id]
+        batch_id, buffered = next(iter(self._buffer.items()))
+        # at most RECORD_MAX results a call: each script call stays short for Redis
+        cut = RECORD_MAX * RECORD_ARGS
+        args, rest = buffered[:cut], buffered[cut:]
+        if rest:
+            self._buffer[batch_id] = rest
+        else:
+            del self._buffer[batch_id]
         try:
             recorded = await self.store.record(batch_id, args)
         except BaseException:
