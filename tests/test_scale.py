@@ -177,7 +177,7 @@ async def test_workers_start_before_the_last_request_is_written(
     results_before_the_last_chunk: list[int] = []
     appended = 0
 
-    async def slow_append(self: BatchStore, batch_id: str, requests: Any) -> Any:
+    async def slow_append(self: BatchStore, batch_id: str, requests: Any, **kw: Any) -> Any:
         nonlocal appended
         appended += 1
         if appended == 8:  # the last chunk (8 x 500): have workers answered some already?
@@ -188,7 +188,7 @@ async def test_workers_start_before_the_last_request_is_written(
             await wait_until(answered, what="results while the batch is loading")
             results_before_the_last_chunk.append(int(await redis.hlen(keys.results(batch_id))))
             assert await redis.hget(keys.batch(batch_id), "loading") == b"1"
-        return await real_append(self, batch_id, requests)
+        return await real_append(self, batch_id, requests, **kw)
 
     monkeypatch.setattr(BatchStore, "append", slow_append)
     src = tmp_path / "in.jsonl"
@@ -211,12 +211,14 @@ async def test_a_producer_dying_while_loading_is_completed_by_resuming(
     real_append = BatchStore.append
     calls = 0
 
-    async def dies_at_the_third_chunk(self: BatchStore, batch_id: str, requests: Any) -> Any:
+    async def dies_at_the_third_chunk(
+        self: BatchStore, batch_id: str, requests: Any, **kw: Any
+    ) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:
             raise ConnectionError("the producer's machine went away")
-        return await real_append(self, batch_id, requests)
+        return await real_append(self, batch_id, requests, **kw)
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(jsonl(2000))
@@ -241,12 +243,12 @@ async def test_a_cancel_while_loading_still_gives_every_request_a_line(
     real_append = BatchStore.append
     calls = 0
 
-    async def cancel_midway(self: BatchStore, batch_id: str, requests: Any) -> Any:
+    async def cancel_midway(self: BatchStore, batch_id: str, requests: Any, **kw: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:
             await BatchStore(redis).cancel(batch_id)
-        return await real_append(self, batch_id, requests)
+        return await real_append(self, batch_id, requests, **kw)
 
     monkeypatch.setattr(BatchStore, "append", cancel_midway)
     src = tmp_path / "in.jsonl"

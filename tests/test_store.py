@@ -53,7 +53,7 @@ def ok_result(cid: str, ok: int = 1, retries: int = 0, latency_ms: float = 10.0)
         attempts=retries + 1,
         latency_ms=latency_ms,
     )
-    return list(record_args(cid, orjson.dumps({"custom_id": cid}), outcome))
+    return list(record_args(cid, orjson.dumps({"custom_id": cid}), outcome, cost=(0.5, 0.0)))
 
 
 async def test_create_refuses_taken_ids_but_restarts_abandoned_ones(store: ArqRedis) -> None:
@@ -236,7 +236,10 @@ def test_a_result_line_has_the_models_fields_and_so_does_a_stopped_one() -> None
     outcome = Outcome(status_code=200, body={}, request_id="r", error=None, attempts=1,
                       latency_ms=1.0)  # fmt: skip
     assert tuple(result_line("q", outcome)) == FIELDS
-    assert set(FIELDS) == set(Result.model_fields)
+    assert set(FIELDS) | {"cached"} == set(Result.model_fields)  # the cache's marker
+    cached = Outcome(status_code=200, body={}, request_id="r", error=None, attempts=0,
+                     latency_ms=0.0, cached=True)  # fmt: skip
+    assert tuple(result_line("q", cached)) == (*FIELDS, "cached")
     prefix, middle, suffix = stop_template("c", "m")
     stopped = orjson.loads(prefix + '"id1"' + middle + '"q"' + suffix)
     assert tuple(stopped) == FIELDS

@@ -56,14 +56,30 @@ class BatchProgress:
         failed: int,
         retries: int = 0,
         elapsed_s: float | None = None,
+        cost_usd: float | None = None,
     ) -> None:
         """``elapsed_s``: how long the batch has run (default: since this bar started);
-        the rate is done / elapsed, shown once a second has passed."""
+        the rate is done / elapsed, shown once a second has passed. ``cost_usd``: the
+        spend so far, when known."""
         elapsed = time.monotonic() - self._start if elapsed_s is None else elapsed_s
         rate = f"{done / elapsed:,.0f} req/s" if elapsed >= 1.0 else ""
+        cost = usd(cost_usd) if cost_usd else ""
         self._progress.update(
-            self._task, completed=done, total=total, failed=failed, retries=retries, rate=rate
-        )
+            self._task, completed=done, total=total, failed=failed, retries=retries, rate=rate,
+            cost=cost,
+        )  # fmt: skip
+
+
+def usd(value: float) -> str:
+    """Dollars, with the digits that matter: $1,234.50, $0.0123, $0.000042."""
+    if value >= 100:
+        return f"${value:,.2f}"
+    if value >= 0.01:
+        return f"${value:,.4f}"
+    return f"${value:.6f}"
+
+
+NO_PRICE = "unknown: a model used has no price (PROMPTQ_PRICES)"
 
 
 @contextmanager
@@ -76,13 +92,14 @@ def batch_progress(description: str, *, total: int) -> Iterator[BatchProgress]:
         TextColumn("[red]{task.fields[failed]} failed"),
         TextColumn("[yellow]{task.fields[retries]} retries"),
         TextColumn("{task.fields[rate]}"),
+        TextColumn("[green]{task.fields[cost]}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
     )
     with progress:
-        task = progress.add_task(description, total=total, failed=0, retries=0, rate="")
+        task = progress.add_task(description, total=total, failed=0, retries=0, rate="", cost="")
         yield BatchProgress(progress, task)
 
 
@@ -104,6 +121,20 @@ def batch_table(info: BatchInfo) -> Table:
     table.add_row("retries", f"{info.retries:,}")
     table.add_row("model / endpoint", f"{info.model} {info.endpoint}")
     table.add_row("priority", info.priority.value)
+    route = info.route
+    if info.route == "batch-api":
+        route += f", {info.shards} shard(s)"
+        if info.deadline_at:
+            route += f", deadline {_ts(info.deadline_at)}"
+    table.add_row("route", route)
+    spent = NO_PRICE if info.cost_usd is None else usd(info.cost_usd)
+    if info.max_cost_usd is not None:
+        spent += f" of a {usd(info.max_cost_usd)} budget"
+    table.add_row("cost so far", spent)
+    if info.route == "batch-api":
+        table.add_row("saved (batch API)", usd(info.saved_usd))
+    if info.cached:
+        table.add_row("cached", f"{info.cached:,} answered from the cache")
     if info.retry_of or info.retried_by:
         table.add_row("retry of / retried by", f"{info.retry_of or '-'} / {info.retried_by or '-'}")
     table.add_row("created", _ts(info.created_at))
@@ -124,6 +155,11 @@ def stats_table(stats: BatchStats, *, title: str = "Statistics") -> Table:
     table.add_row("wall time", f"{stats.wall_s:,.2f} s")
     table.add_row("throughput", f"{stats.throughput_rps:,.1f} req/s")
     table.add_row("tokens in / out", f"{stats.input_tokens:,} / {stats.output_tokens:,}")
+    table.add_row("cost", NO_PRICE if stats.cost_usd is None else usd(stats.cost_usd))
+    if stats.saved_usd is not None:
+        table.add_row("saved (batch API)", usd(stats.saved_usd))
+    if stats.cached:
+        table.add_row("cached", f"{stats.cached:,} (no upstream call)")
     if stats.errors_by_code:
         errors = ", ".join(f"{code}: {n:,}" for code, n in stats.errors_by_code.items())
         table.add_row("errors by code", errors)

@@ -102,12 +102,18 @@ async def stream(
     settings: Settings | None = None,
     priority: str = "bulk",
     batch_id: str | None = None,
+    route: str = "realtime",
+    deadline_s: float | None = None,
+    max_cost_usd: float | None = None,
     **options: Any,
 ) -> AsyncIterator[Result]:
     """Yield results as they complete (any order); see the module docstring."""
     resolved = _settings(settings, options)
     async with _pipeline(resolved, workers) as producer:
-        batch = await _submit(producer, prompts, priority=priority, batch_id=batch_id)
+        batch = await _submit(
+            producer, prompts, priority=priority, batch_id=batch_id, route=route,
+            deadline_s=deadline_s, max_cost_usd=max_cost_usd,
+        )  # fmt: skip
         async for result in batch.as_completed():
             yield result
 
@@ -119,15 +125,23 @@ async def arun(
     settings: Settings | None = None,
     priority: str = "bulk",
     batch_id: str | None = None,
+    route: str = "realtime",
+    deadline_s: float | None = None,
+    max_cost_usd: float | None = None,
     **options: Any,
 ) -> RunResult:
     """Run ``prompts`` (strings, or request dicts in either input form) through the
     pipeline and return every result in input order with the batch's stats. Raises
-    ``InputError`` (listing every bad item) before anything is sent."""
+    ``InputError`` (listing every bad item) before anything is sent. ``route``,
+    ``deadline_s``, ``max_cost_usd``: as ``Producer.submit``'s; every other option is a
+    setting (``cache_ttl_s=3600`` turns the cache on)."""
     resolved = _settings(settings, options)
     parsed = parse_items(prompts, default_model=resolved.model, source="promptq.run()")
     async with _pipeline(resolved, workers) as producer:
-        batch = await _submit(producer, parsed, priority=priority, batch_id=batch_id)
+        batch = await _submit(
+            producer, parsed, priority=priority, batch_id=batch_id, route=route,
+            deadline_s=deadline_s, max_cost_usd=max_cost_usd,
+        )  # fmt: skip
         by_id = {r.custom_id: r async for r in batch.as_completed()}
         stats = await batch.wait()
     results = [by_id[r.custom_id] for r in parsed.requests if r.custom_id in by_id]

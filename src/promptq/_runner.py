@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from promptq.producer.parsing import Requests, SpooledBatch, spool_jsonl
 from promptq.shared.connection import connect
 from promptq.shared.errors import BatchNotFound
 from promptq.shared.models import BatchInfo
+from promptq.shared.prices import BUILT_IN
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings, redact_url
 from promptq.shared.status import Status
@@ -49,6 +51,10 @@ def read_input(path: Path, *, settings: Settings) -> SpooledBatch:
     )
 
 
+#: how often a progress bar reads the batch's spend so far
+COST_REFRESH_S = 1.0
+
+
 async def follow(
     batch: Batch,
     files: ResultFiles | None,
@@ -61,8 +67,13 @@ async def follow(
     With ``order``, lines are written in input order (each waits for those before it)."""
     ok = failed = retries = 0
     latency_s = 0.0
+    cost: float | None = None
+    cost_read = 0.0
     with display.batch_progress(label, total=total) as bar:
         async for raw in batch.as_completed_raw():
+            if time.monotonic() - cost_read >= COST_REFRESH_S:  # the spend so far
+                cost_read = time.monotonic()
+                cost = await batch.spent_usd()
             result = orjson.loads(raw)
             if result.get("error") is None:
                 ok += 1
@@ -74,7 +85,7 @@ async def follow(
                 for line in [raw] if order is None else order.add(result["custom_id"], raw):
                     files.write(line)
                 files.flush()  # the file is the checkpoint: whole lines, as they come
-            bar.update(done=ok + failed, total=total, failed=failed, retries=retries)
+            bar.update(done=ok + failed, total=total, failed=failed, retries=retries, cost_usd=cost)
     if files is not None and order is not None:
         for line in order.rest():
             files.write(line)
@@ -109,10 +120,30 @@ async def run_demo(
     limiter_log = logging.getLogger("promptq.shared.ratelimit")
     limiter_log.addFilter(injected)
     try:
-        async with MockServer(config) as mock:
-            await _demo(settings, mock, n=n, workers=workers, config=config)
+        with _demo_prices(settings) as priced:
+            async with MockServer(config) as mock:
+                await _demo(priced, mock, n=n, workers=workers, config=config)
     finally:
         limiter_log.removeFilter(injected)
+
+
+#: the demo prices its mock model as this one, to show cost in dollars
+DEMO_PRICED_AS = "gpt-4o-mini"
+
+
+@contextlib.contextmanager
+def _demo_prices(settings: Settings) -> Iterator[Settings]:
+    """The demo's settings with a price for the mock's model (a file the workers read,
+    gone afterwards); a PROMPTQ_PRICES of the user's own is left as it is."""
+    if settings.prices:
+        yield settings
+        return
+    price = BUILT_IN[DEMO_PRICED_AS]
+    entry = {"input_per_1m": price.input_per_1m, "output_per_1m": price.output_per_1m}
+    with tempfile.TemporaryDirectory(prefix="promptq-demo-") as tmp:
+        path = Path(tmp) / "prices.json"
+        path.write_bytes(orjson.dumps({"mock-gpt": entry}))
+        yield settings.model_copy(update={"prices": str(path)})
 
 
 async def _demo(settings: Settings, mock: Any, *, n: int, workers: int, config: Any) -> None:
@@ -149,6 +180,13 @@ async def _demo(settings: Settings, mock: Any, *, n: int, workers: int, config: 
         "(the rest were retries).",
         highlight=False,
     )
+    if stats.cost_usd is not None:
+        display.out_console.print(
+            f"Cost: [bold]{display.usd(stats.cost_usd)}[/bold] (the mock's model priced as "
+            f"{DEMO_PRICED_AS}); through the provider's Batch API (--route batch-api, results "
+            f"within 24 h) the same tokens would cost about {display.usd(stats.cost_usd / 2)}.",
+            highlight=False,
+        )
 
 
 def _worker_env(settings: Settings) -> dict[str, str]:
@@ -211,12 +249,13 @@ async def run_batch(
     errors_out: Path,
     workers: int,
     batch_id: str | None,
-    priority: str = "bulk",
-    max_failure_rate: float | None = None,
+    policy: Mapping[str, Any] | None = None,
     order: str = "completion",
     restart: bool = False,
 ) -> int:
     """Validate, enqueue, process and write one batch; return the number of failures.
+    ``policy``: the batch's options of ``Producer.submit`` (priority, max_failure_rate,
+    route, deadline_s, max_cost_usd, cache_ttl_s).
 
     With Redis and a ``batch_id`` that exists (a run that crashed, same input), the
     batch is resumed: nothing is enqueued twice, and every result, those finished
@@ -234,8 +273,7 @@ async def run_batch(
             errors_out=errors_out,
             workers=workers,
             batch_id=batch_id,
-            priority=priority,
-            max_failure_rate=max_failure_rate,
+            policy=dict(policy or {}),
             order=order,
             restart=restart,
         )
@@ -250,8 +288,7 @@ async def _run_checkpointed(
     errors_out: Path,
     workers: int,
     batch_id: str | None,
-    priority: str,
-    max_failure_rate: float | None,
+    policy: Mapping[str, Any],
     order: str,
     restart: bool,
 ) -> int:
@@ -275,12 +312,12 @@ async def _run_checkpointed(
             with taken.todo as todo:
                 return await _interruptible(
                     settings, todo, output=output, errors_out=errors_out, workers=workers,
-                    batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate,
+                    batch_id=batch_id, policy=policy,
                     order=order, append=True,
                 )  # fmt: skip
     return await _interruptible(
         settings, parsed, output=output, errors_out=errors_out, workers=workers,
-        batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate,
+        batch_id=batch_id, policy=policy,
         order=order, append=False,
     )  # fmt: skip
 
@@ -293,8 +330,7 @@ async def _interruptible(
     errors_out: Path,
     workers: int,
     batch_id: str | None,
-    priority: str,
-    max_failure_rate: float | None,
+    policy: Mapping[str, Any],
     order: str,
     append: bool,
 ) -> int:
@@ -308,8 +344,7 @@ async def _interruptible(
             errors_out=errors_out,
             workers=workers,
             batch_id=batch_id,
-            priority=priority,
-            max_failure_rate=max_failure_rate,
+            policy=policy,
             order=order,
             append=append,
         )
@@ -337,8 +372,7 @@ async def _run(
     errors_out: Path,
     workers: int,
     batch_id: str | None,
-    priority: str,
-    max_failure_rate: float | None,
+    policy: Mapping[str, Any],
     order: str,
     append: bool,
 ) -> int:
@@ -368,8 +402,7 @@ async def _run(
             parsed,
             batch_id=batch_id,
             resume=resume,
-            priority=priority,
-            max_failure_rate=max_failure_rate,
+            **policy,
         )
         if before is not None and before.status is not Status.VALIDATING:
             display.err_console.print(
@@ -418,6 +451,7 @@ async def watch_batch(settings: Settings, batch_id: str) -> int:
                     failed=info.failed,
                     retries=info.retries,
                     elapsed_s=elapsed,
+                    cost_usd=info.cost_usd,
                 )
                 if info.status.terminal:
                     break

@@ -31,6 +31,8 @@ from promptq.shared.errors import (
     QueueFull,
     RedisUnavailable,
 )
+from promptq.shared.results import REALTIME
+from promptq.shared.routes import ROUTES, parse_duration
 from promptq.shared.settings import Settings
 
 T = TypeVar("T")
@@ -140,8 +142,77 @@ def _result_files_options(command: Callable[..., Any]) -> Callable[..., Any]:
     )(command)
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """45s, 30m, 2h, 1d (a bare number: seconds) -> seconds."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+
+#: --cache without a value keeps answers this long
+DEFAULT_CACHE_TTL = "1d"
+
+
+def _policy(options: dict[str, Any]) -> dict[str, Any]:
+    """The batch options of ``Producer.submit`` from the policy flags (popped)."""
+    from promptq.producer.producer import route_options
+
+    cache = options.pop("cache", None)
+    policy = {
+        "priority": options.pop("priority"),
+        "max_failure_rate": options.pop("max_failure_rate"),
+        "route": options.pop("route"),
+        "deadline_s": options.pop("deadline"),
+        "max_cost_usd": options.pop("max_cost_usd"),
+        "cache_ttl_s": None if cache is None else max(int(cache), 1),
+    }
+    try:  # before anything starts
+        route_options(
+            **{k: v for k, v in policy.items() if k not in ("priority", "max_failure_rate")}
+        )
+    except InputError as exc:
+        raise click.UsageError("; ".join(f"{exc.source}: {e.message}" for e in exc.errors)) from exc
+    return policy
+
+
 def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """--priority and --max-failure-rate, shared by the commands that submit batches."""
+    """--priority, --max-failure-rate, --route, --deadline, --max-cost-usd and --cache,
+    shared by the commands that submit batches."""
+    command = click.option(
+        "--cache",
+        callback=_duration,
+        is_flag=False,
+        flag_value=DEFAULT_CACHE_TTL,
+        default=None,
+        metavar="[TTL]",
+        help="Answer a request identical (endpoint + body) to one answered within TTL "
+        f"(45s, 30m, 2h, 1d; alone: {DEFAULT_CACHE_TTL}) from Redis, without an upstream "
+        "call. Off by default: with temperature > 0, identical requests are meant to differ.",
+    )(command)
+    command = click.option(
+        "--max-cost-usd",
+        type=click.FloatRange(min=0, min_open=True),
+        help="Stop the batch (code budget_exceeded) once its spend reaches this many "
+        "dollars (from usage and the price table; PROMPTQ_PRICES).",
+    )(command)
+    command = click.option(
+        "--deadline",
+        callback=_duration,
+        metavar="DURATION",
+        help="With --route batch-api: requests without a result after this long (45s, 30m, "
+        "2h, 1d), or whose provider batch failed or expired, go through the realtime lane.",
+    )(command)
+    command = click.option(
+        "--route",
+        type=click.Choice(list(ROUTES)),
+        default=REALTIME,
+        show_default=True,
+        help="realtime: one upstream request per line. batch-api: through the upstream's "
+        "own Batch API (about half price, results within 24 h).",
+    )(command)
     command = click.option(
         "--max-failure-rate",
         type=click.FloatRange(0, 1, max_open=True),
@@ -294,8 +365,6 @@ def run(
     workers: int,
     batch_id: str | None,
     restart: bool,
-    priority: str,
-    max_failure_rate: float | None,
     **overrides: Any,
 ) -> None:
     """Run one batch end to end: validate, enqueue, process, write results.
@@ -306,6 +375,7 @@ def run(
     """
     from promptq._runner import run_batch
 
+    policy = _policy(overrides)
     settings = _settings(ctx, **overrides)
     failed = _run_async(run_batch)(
         settings,
@@ -314,8 +384,7 @@ def run(
         errors_out=errors_out or default_errors_path(output),
         workers=workers,
         batch_id=batch_id,
-        priority=priority,
-        max_failure_rate=max_failure_rate,
+        policy=policy,
         order=order,
         restart=restart,
     )
@@ -333,11 +402,11 @@ def run(
 @click.pass_context
 def submit(
     ctx: click.Context,
+    /,
     input_path: Path,
     batch_id: str | None,
-    priority: str,
-    max_failure_rate: float | None,
     redis_url: str | None,
+    **options: Any,
 ) -> None:
     """Validate INPUT (- for standard input) and enqueue it; print the batch id (only the
     id) on stdout."""
@@ -345,13 +414,12 @@ def submit(
     from promptq.producer import Producer
 
     settings = _settings(ctx, redis_url=redis_url)
+    policy = _policy(options)
 
     async def go() -> None:
         with read_input(input_path, settings=settings) as parsed:  # before touching Redis
             async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
-                batch = await p.submit(
-                    parsed, batch_id=batch_id, priority=priority, max_failure_rate=max_failure_rate
-                )
+                batch = await p.submit(parsed, batch_id=batch_id, **policy)
         print(batch.id)
 
     _run_async(go)()
@@ -623,6 +691,12 @@ def serve(
     "--rpm-limit", type=int, help="Enforce requests per minute: 429 + x-ratelimit-* headers."
 )
 @click.option("--max-concurrency", type=int, help="429 for requests beyond this many in flight.")
+@click.option(
+    "--batch-turnaround-s",
+    default=0.0,
+    show_default=True,
+    help="Batch API: a provider batch completes this many seconds after it is created.",
+)
 def mock_llm(host: str, port: int, **options: Any) -> None:
     """Mock OpenAI-compatible upstream (POST /v1/chat/completions, GET /stats).
 
@@ -630,6 +704,10 @@ def mock_llm(host: str, port: int, **options: Any) -> None:
     faults. A prompt may script its own fate: "hi [[mock status=500 fail=2]]" fails
     twice then succeeds; also status=429 retry_after=1.5, quota=1, hang=1,
     malformed=1, drop=1, latency_ms=L.
+
+    It is also a provider with a Batch API (POST /v1/files, /v1/batches, ...) for
+    --route batch-api: batch=fail|expire|hold in a line fails its provider batch,
+    expires the line, or holds it until the batch is cancelled.
     """
     from promptq.mock import MockConfig, serve_forever
 

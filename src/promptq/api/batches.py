@@ -23,10 +23,12 @@ from promptq.api.objects import COMPLETION_WINDOW, batch_object
 from promptq.api.state import PRODUCER, SETTINGS, STORE, TASKS
 from promptq.api.store import StoredBatch, UnknownCursor
 from promptq.api.streaming import stream_lines
-from promptq.producer.producer import new_batch_id
+from promptq.producer.producer import new_batch_id, route_options
 from promptq.shared import keys
-from promptq.shared.errors import BatchNotFound, QueueFull
+from promptq.shared.errors import BatchNotFound, InputError, QueueFull
 from promptq.shared.models import ENDPOINTS
+from promptq.shared.results import BATCH_API
+from promptq.shared.routes import MARKER_BATCH, MARKER_SHARD, ROUTES, parse_duration
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -90,6 +92,54 @@ def _metadata(value: Any) -> dict[str, str] | None:
     return value
 
 
+#: metadata keys that set promptq's options of a batch (the rest is the caller's own)
+OPTION_KEYS = ("promptq_route", "promptq_deadline", "promptq_max_cost_usd", "promptq_cache")
+
+
+def batch_options(metadata: dict[str, str] | None) -> dict[str, Any]:
+    """promptq's options of a batch from its metadata (``Producer.submit`` keywords):
+    ``promptq_route`` (realtime | batch-api), ``promptq_deadline`` (45s, 30m, 2h, 1d),
+    ``promptq_max_cost_usd`` (USD), ``promptq_cache`` (a TTL); 400 naming the key."""
+    options: dict[str, Any] = {}
+    for key, value in (metadata or {}).items():
+        if not key.startswith("promptq_") or key in (MARKER_BATCH, MARKER_SHARD):
+            continue  # the caller's own, or the marker of another promptq's shard
+        param = f"metadata.{key}"
+        if key not in OPTION_KEYS:
+            raise bad_request(
+                f"Unknown promptq option '{key}'; use {', '.join(OPTION_KEYS)}.",
+                param=param,
+                code="invalid_metadata",
+            )
+        try:
+            if key == "promptq_route":
+                if value not in ROUTES:
+                    raise ValueError(f"use one of {', '.join(ROUTES)}")
+                options["route"] = value
+            elif key == "promptq_deadline":
+                options["deadline_s"] = parse_duration(value)
+            elif key == "promptq_cache":
+                options["cache_ttl_s"] = max(int(parse_duration(value)), 1)
+            else:
+                options["max_cost_usd"] = float(value)
+        except ValueError as exc:
+            raise bad_request(f"{key}: {exc}", param=param, code="invalid_metadata") from exc
+    if "deadline_s" in options and options.get("route") != BATCH_API:
+        raise bad_request(
+            "promptq_deadline goes with promptq_route 'batch-api'.",
+            param="metadata.promptq_deadline",
+            code="invalid_metadata",
+        )
+    try:
+        route_options(**options)
+    except InputError as exc:
+        problem = "; ".join(e.message for e in exc.errors)
+        raise bad_request(
+            f"metadata: {problem}", param="metadata", code="invalid_metadata"
+        ) from exc
+    return options
+
+
 async def create_batch(request: web.Request) -> web.Response:
     """POST /v1/batches: a batch of the uploaded file's requests; validated in the
     background (status ``validating``, then ``in_progress`` or ``failed``)."""
@@ -112,6 +162,7 @@ async def create_batch(request: web.Request) -> web.Response:
             code="invalid_completion_window",
         )
     metadata = _metadata(body.get("metadata"))
+    options = batch_options(metadata)
     store = request.app[STORE]
     if await store.file(file_id) is None:
         raise not_found(
@@ -146,6 +197,7 @@ async def create_batch(request: web.Request) -> web.Response:
         file_id=file_id,
         endpoint=endpoint,
         created_at=float(stored.api["created_at"]),
+        options=options,
     )
     task = asyncio.create_task(
         logged(job, f"validating batch {batch_id} (input {file_id})"), name=f"validate {batch_id}"

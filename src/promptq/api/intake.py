@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from promptq.api.store import ApiStore, StoredBatch
@@ -78,8 +78,10 @@ async def validate_and_enqueue(
     file_id: str,
     endpoint: str,
     created_at: float,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Parse the input file whole; enqueue the batch, or mark it failed with its errors.
+    ``options``: promptq's options of the batch from its metadata (``batch_options``).
 
     Runs as a task nobody awaits (wrap it in ``logged``). A batch left 'validating' by
     one that failed (Redis gone midway) is failed by ``expire_stale_validation`` later.
@@ -128,7 +130,7 @@ async def validate_and_enqueue(
         await _fail(store, batch_id, problem, ttl_s=ttl_s)
         return
     try:
-        await producer.submit(parsed, batch_id=batch_id, priority=Priority.BULK)
+        await producer.submit(parsed, batch_id=batch_id, priority=Priority.BULK, **(options or {}))
         # Enqueueing listed it by when it was enqueued; list it by when it was created,
         # as its Batch object says (else a small batch created later may list earlier).
         await store.redis.zadd(keys.BATCHES, {batch_id: created_at}, xx=True)

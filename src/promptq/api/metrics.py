@@ -114,6 +114,23 @@ class SnapshotCollector(Collector):
                 "Requests that failed for good, per live worker.",
             ),
             ("promptq_request_retries", "retries", "Upstream attempts retried, per live worker."),
+            (
+                "promptq_cost_usd",
+                "cost_usd",
+                "USD spent on answers (their usage at the price table's prices; answers of "
+                "models with no price are not counted), per live worker.",
+            ),
+            (
+                "promptq_saved_usd",
+                "saved_usd",
+                "USD saved by the batch-api route (the same tokens at realtime prices, minus "
+                "what was paid), per live worker.",
+            ),
+            (
+                "promptq_requests_cached",
+                "cached",
+                "Requests answered from the cache, without an upstream call, per live worker.",
+            ),
         ):
             counter = CounterMetricFamily(name, doc, labels=["worker"])
             for worker_id, beat in sorted(snap.workers.items()):

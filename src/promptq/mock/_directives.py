@@ -37,6 +37,9 @@ MAX_ECHO_CHARS = 200
 # Values cannot contain "]" which keeps the pattern simple and linear.
 _DIRECTIVE_RE = re.compile(r"\[\[mock(?P<args>(?:\s[^\]]*)?)\]\]")
 
+#: what ``batch=`` may ask of the mock's Batch API
+BATCH_FATES = ("fail", "expire", "hold")
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -59,6 +62,10 @@ class Directives:
     * ``hang=1``: never answer; ``malformed=1``: 200 with truncated JSON;
       ``drop=1``: close the connection without a response.
     * ``latency_ms=L`` (milliseconds, float): replaces the configured latency and jitter.
+    * ``batch=fail|expire|hold`` (the mock's Batch API only; a realtime request with it
+      is answered as usual): the provider batch holding the line fails validation, the
+      line expires (the batch ends ``expired``), or the line is never run (the batch
+      stays ``in_progress`` until cancelled).
 
     When several faults are set the first of drop, hang, malformed, status/quota wins.
     """
@@ -72,6 +79,7 @@ class Directives:
     malformed: bool = False
     drop: bool = False
     latency_ms: float | None = None
+    batch: str | None = None
 
     @property
     def has_fault(self) -> bool:
@@ -175,6 +183,12 @@ def _apply(fields: dict[str, Any], key: str, value: str) -> None:
         fields[key] = _flag(key, value)
     elif key in ("retry_after", "retry_after_ms", "latency_ms"):
         fields[key] = _number(key, value)
+    elif key == "batch":
+        if value not in BATCH_FATES:
+            raise DirectiveError(
+                f"mock directive batch={value!r}: expected one of {', '.join(BATCH_FATES)}"
+            )
+        fields[key] = value
     else:
         raise DirectiveError(f"unknown mock directive key {key!r}")
 

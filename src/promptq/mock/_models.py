@@ -34,6 +34,8 @@ class MockConfig:
             every answer carries ``x-ratelimit-*-requests`` headers (default ``None``).
         max_concurrency: answer 429 to requests beyond this many in flight, like a
             self-hosted server at capacity (default ``None``).
+        batch_turnaround_s: the Batch API's turnaround: a provider batch completes this
+            long after it is created (default 0: at once).
     """
 
     latency_ms: float = 0.0
@@ -48,13 +50,14 @@ class MockConfig:
     model: str = "mock-gpt"
     rpm_limit: int | None = None
     max_concurrency: int | None = None
+    batch_turnaround_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rpm_limit", "max_concurrency"):
             limit = getattr(self, name)
             if limit is not None and limit < 1:
                 raise ValueError(f"MockConfig.{name} must be >= 1, got {limit}")
-        for name in ("latency_ms", "jitter_ms"):
+        for name in ("latency_ms", "jitter_ms", "batch_turnaround_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"MockConfig.{name} must be a finite number >= 0, got {value}")
@@ -100,6 +103,8 @@ class MockStats:
     drops: int = 0
     malformed: int = 0
     rate_limited: int = 0  # 429s sent by the enforcing modes (rpm_limit, max_concurrency)
+    #: Batch API calls by kind: upload, create, retrieve, list, cancel, content
+    batch_calls: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy; ``responses_by_status`` keys become strings (as JSON has it)."""
@@ -114,6 +119,7 @@ class MockStats:
             "drops": self.drops,
             "malformed": self.malformed,
             "rate_limited": self.rate_limited,
+            "batch_calls": dict(sorted(self.batch_calls.items())),
         }
 
     def reset(self) -> None:
@@ -125,3 +131,4 @@ class MockStats:
         self.drops = 0
         self.malformed = 0
         self.rate_limited = 0
+        self.batch_calls.clear()

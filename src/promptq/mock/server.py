@@ -5,6 +5,8 @@
 :class:`MockConfig` rates, or scripted ones from ``[[mock ...]]`` directives in the
 prompt (see :class:`~promptq.mock._directives.Directives`). ``GET /stats`` reports
 :class:`MockStats`, ``POST /stats/reset`` zeroes it, ``GET /v1/models`` lists the model.
+The Files and Batches endpoints of a provider's Batch API are in memory
+(:mod:`promptq.mock._batches`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from promptq.mock._batches import MockBatchApi
 from promptq.mock._directives import (
     DIRECTIVE_MARKER,
     DirectiveError,
@@ -53,7 +56,7 @@ logger = logging.getLogger(__name__)
 _MARKER_BYTES: Final = DIRECTIVE_MARKER.encode()
 _JSON: Final = "application/json"
 # Prompts in benchmarks can be large; aiohttp's default 1 MiB cap would answer 413.
-_CLIENT_MAX_SIZE: Final = 32 * 1024 * 1024
+_CLIENT_MAX_SIZE: Final = 256 * 1024 * 1024  # Batch API input files: up to 200 MB
 # Bounds memory of the fail=K attempt counters in long runs (oldest entries go first).
 _MAX_TRACKED_BODIES: Final = 100_000
 # Grace for in-flight handlers at shutdown; hung ones are released explicitly before it.
@@ -352,6 +355,7 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     app.router.add_get("/stats", state.stats_view)
     app.router.add_post("/stats/reset", state.stats_reset)
     app.on_shutdown.append(state.on_shutdown)
+    MockBatchApi(state.config, state.stats).routes(app)
     return app
 
 

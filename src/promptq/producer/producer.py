@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -42,7 +42,9 @@ from promptq.shared.errors import (
     QueueFull,
     RedisUnavailable,
 )
-from promptq.shared.models import BatchInfo, BatchStats, Priority, QueuedRequest, Result
+from promptq.shared.models import BatchInfo, BatchStats, Priority, Result
+from promptq.shared.results import BATCH_API, REALTIME
+from promptq.shared.routes import ROUTES, ShardCutter
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
@@ -105,6 +107,42 @@ def parse_file(path: str | Path, *, settings: Settings) -> SpooledBatch:
     except OSError as exc:
         problem = LineError(0, None, f"cannot read: {exc.strerror}")
         raise InputError(str(path), [problem]) from exc
+
+
+def route_options(
+    *,
+    route: str = REALTIME,
+    deadline_s: float | None = None,
+    max_cost_usd: float | None = None,
+    cache_ttl_s: int | None = None,
+) -> dict[str, str | int | float]:
+    """A batch's route, deadline, budget and cache fields, validated (``InputError``
+    naming the option)."""
+    options: dict[str, str | int | float] = {}
+    if route not in ROUTES:
+        raise InputError("--route", [LineError(0, "route", f"use one of {', '.join(ROUTES)}")])
+    if route != REALTIME:
+        options["route"] = route
+    if deadline_s is not None:
+        if route != BATCH_API:
+            raise InputError(
+                "--deadline",
+                [LineError(0, "deadline", "a deadline goes with --route batch-api")],
+            )
+        if deadline_s <= 0:
+            raise InputError("--deadline", [LineError(0, "deadline", "must be above 0")])
+        options["deadline_s"] = deadline_s
+    if max_cost_usd is not None:
+        if max_cost_usd <= 0:
+            raise InputError(
+                "--max-cost-usd", [LineError(0, "max_cost_usd", "must be above 0 (USD)")]
+            )
+        options["max_cost_usd"] = max_cost_usd
+    if cache_ttl_s is not None:
+        if cache_ttl_s <= 0:
+            raise InputError("--cache", [LineError(0, "cache_ttl_s", "must be above 0")])
+        options["cache_ttl_s"] = int(cache_ttl_s)
+    return options
 
 
 class Producer:
@@ -173,6 +211,10 @@ class Producer:
         failure_min_sample: int = 20,
         result_ttl_s: int | None = None,
         retry_of: str | None = None,
+        route: str = REALTIME,
+        deadline_s: float | None = None,
+        max_cost_usd: float | None = None,
+        cache_ttl_s: int | None = None,
     ) -> Batch:
         """Validate ``items`` (prompts or request dicts) and enqueue them as one batch.
 
@@ -184,6 +226,12 @@ class Producer:
         (0..1) stops the batch early, status ``failed``, once more than that fraction of
         its finished requests failed (after ``failure_min_sample`` of them).
         ``result_ttl_s`` keeps this batch's results for less (or more) than the default.
+
+        ``route="batch-api"`` sends the requests through the upstream's own Batch API (half
+        price, up to 24 h); with ``deadline_s``, what has no result by then goes through
+        the realtime lane. ``max_cost_usd`` stops the batch (code ``budget_exceeded``)
+        once its spend reaches it. ``cache_ttl_s`` answers requests identical to one
+        answered within that many seconds from the cache (see ``worker.cache``).
 
         ``resume=True`` (needs ``batch_id``) picks up a batch submitted earlier from the
         same items, e.g. by a run that crashed: if ``batch_id`` exists (queued, running
@@ -211,16 +259,19 @@ class Producer:
                 "--max-failure-rate",
                 [LineError(0, "max_failure_rate", "must be at least 0 and below 1")],
             )
+        options: dict[str, str | int | float] = route_options(
+            route=route, deadline_s=deadline_s, max_cost_usd=max_cost_usd, cache_ttl_s=cache_ttl_s
+        )
         if resume and await self._resume(parsed, batch_id):
             return Batch(self, batch_id)
-        options: dict[str, str | int | float] = {}
         if max_failure_rate is not None:
             options.update(max_failure_rate=max_failure_rate, failure_min_sample=failure_min_sample)
         if result_ttl_s is not None:
             options["result_ttl_s"] = result_ttl_s
         if retry_of is not None:
             options["retry_of"] = retry_of
-        await self.check_backpressure(parsed.total)
+        if route != BATCH_API:  # the Batch API's requests never wait in a worker's queue
+            await self.check_backpressure(parsed.total)
         await self._enqueue(parsed, batch_id, Priority(priority), options)
         return Batch(self, batch_id)
 
@@ -317,25 +368,60 @@ class Producer:
         # script flips it to 'queued' and lists it: workers start on it while the rest is
         # written. A producer that dies before the flip leaves a 'validating' batch that
         # nothing runs; one that dies after it leaves a batch that resuming completes.
-        chunks = parsed.chunks(WRITE_CHUNK)
-        first = next(chunks)
-        await self.store.append(batch_id, first)
+        batch_api = fields.get("route") == BATCH_API
+        first = next(parsed.chunks(WRITE_CHUNK))
+        await self.store.append(batch_id, first, pending=not batch_api)
         await self.store.queue(batch_id, total, written=len(first))
-        await self._load(batch_id, chunks)
+        await self._load(batch_id, parsed, written=len(first), sharded=0 if batch_api else None)
 
-    async def _load(self, batch_id: str, chunks: Iterator[list[QueuedRequest]]) -> None:
-        """Write the rest of a queued batch's requests, in input order."""
+    async def _load(
+        self, batch_id: str, parsed: Requests, *, written: int, sharded: int | None
+    ) -> None:
+        """Write the rest of a queued batch's requests (after the first ``written``), in
+        input order. ``sharded``: the batch-api route's shards are defined up to there;
+        the rest are cut as the requests go in (each once all its lines are written)."""
+        cutter = None
+        begin = written
+        if sharded is not None:
+            cutter = ShardCutter(
+                parsed.endpoint,
+                max_lines=self.settings.batch_api_max_lines,
+                max_bytes=self.settings.batch_api_max_bytes,
+                start=sharded,
+            )
+            begin = min(written, sharded)
         stopped = False
-        for chunk in chunks:
-            stopped = (await self.store.append(batch_id, chunk)).stopped or stopped
+        index = begin
+        for chunk in parsed.chunks(WRITE_CHUNK, skip=begin):
+            new = chunk[max(written - index, 0) :]
+            if new:
+                appended = await self.store.append(batch_id, new, pending=cutter is None)
+                stopped = appended.stopped or stopped
+            index += len(chunk)
+            written = max(written, index)
+            if cutter is not None:
+                for request in chunk:
+                    cutter.add(request)
+                await self._define_shards(batch_id, cutter, written)
+        if cutter is not None:
+            cutter.close()
+            await self._define_shards(batch_id, cutter, written)
         if stopped:  # cancelled while loading: what came after the stop ends the same way
             await self.store.stop_again(batch_id)
+
+    async def _define_shards(self, batch_id: str, cutter: ShardCutter, written: int) -> None:
+        defined = False
+        for start, end, nbytes in cutter.take(before=written):
+            await self.store.define_shard(batch_id, start, end, nbytes)
+            defined = True
+        if defined:
+            await self.store.wake()  # the shard drivers of idle workers take it now
 
     async def _resume(self, parsed: Requests, batch_id: str) -> bool:
         """Take up an existing batch with the same requests; False if there is none to
         take up (absent, or left 'validating' by a producer that died enqueueing it)."""
-        status_raw, stored, total, written = await self.store.fields(
-            batch_id, "status", "fingerprint", "total", "written"
+        status_raw, stored, total, written, route, sharded = await self.store.fields(
+            batch_id, "status", "fingerprint", "total", "written", "route", "sharded"
         )
         status = Status(status_raw) if status_raw else None
         if status is None or status is Status.VALIDATING:
@@ -355,10 +441,12 @@ class Producer:
                 "input, or choose another --batch-id"
             )
         done = int(written or total or 0)
-        if done < parsed.total:  # its producer died while loading it: write the rest
+        cut = int(sharded or 0) if route == BATCH_API else None
+        if done < parsed.total or (cut is not None and cut < parsed.total):
+            # its producer died while loading it: write the rest
             logger.info("batch %s: writing the %d requests not loaded yet", batch_id,
                         parsed.total - done)  # fmt: skip
-            await self._load(batch_id, parsed.chunks(WRITE_CHUNK, skip=done))
+            await self._load(batch_id, parsed, written=done, sharded=cut)
         if status in CLAIMABLE:
             # Every worker may have died with it: their requests go back once their
             # heartbeats expire, and any live worker picks the batch up when woken.
@@ -403,19 +491,28 @@ class Batch:
         return self.producer.redis
 
     async def info(self, *, with_stats: bool = True) -> BatchInfo:
+        """The batch's state; ``with_stats``: also its final stats (once it has them) and
+        its spend so far."""
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(keys.batch(self.id))
             if with_stats:
                 pipe.hgetall(keys.stats(self.id))
+                pipe.hmget(keys.tally(self.id), ["cost", "saved", "unpriced", "cached"])
             raw, *rest = await pipe.execute()
-        stats = rest[0] if rest else None
+        stats, spend = rest if rest else (None, None)
         if not raw:
             raise BatchNotFound(self.id)
         return BatchInfo.from_redis(
             self.id,
             {decode(k): decode(v) for k, v in raw.items()},
             {decode(k): decode(v) for k, v in stats.items()} if stats else None,
+            None if spend is None else [None if v is None else decode(v) for v in spend],
         )
+
+    async def spent_usd(self) -> float | None:
+        """What the batch cost so far in USD (None: a model with no price was used)."""
+        cost, unpriced = await self._redis.hmget(keys.tally(self.id), ["cost", "unpriced"])  # type: ignore[misc]
+        return None if unpriced and int(unpriced) else float(cost or 0.0)
 
     async def as_completed(self, *, block_ms: int = 1000) -> AsyncIterator[Result]:
         """Yield results as they finish, on whichever machine, until the batch ends.

@@ -26,7 +26,7 @@ from arq.connections import ArqRedis
 from promptq.shared import keys, scripts
 from promptq.shared.errors import BatchError
 from promptq.shared.models import QueuedRequest
-from promptq.shared.results import Outcome, stop_template
+from promptq.shared.results import BATCH_API, Outcome, stop_template
 from promptq.shared.scripts import decode
 from promptq.shared.stats import latency_bucket, usage_tokens
 from promptq.shared.status import RUNNING, Status, parse
@@ -48,25 +48,46 @@ READ_CHUNK = 1000
 AGGREGATE_JOB_EXPIRES_S = 7 * 24 * 3600
 
 
-#: items per result in ``record``'s arguments
-RECORD_ARGS = 9
+#: items per result in ``record``'s arguments: custom_id, line, what the tally counts
+RECORD_ARGS = 3
 
 
-def record_args(custom_id: str, line: bytes, outcome: Outcome) -> tuple[Any, ...]:
-    """The arguments that record one result: the line, and what the tally counts."""
-    sent = outcome.attempts > 0
-    tokens_in, tokens_out = usage_tokens(outcome.body) if outcome.ok else (0, 0)
-    return (
-        custom_id,
-        line,
-        1 if outcome.ok else 0,
-        max(outcome.attempts - 1, 0),
-        repr(outcome.latency_ms) if sent else "",
-        latency_bucket(outcome.latency_ms) if sent else "",
-        tokens_in,
-        tokens_out,
-        "" if outcome.error is None else outcome.error.code,
+def record_args(
+    custom_id: str,
+    line: bytes,
+    outcome: Outcome,
+    *,
+    cost: tuple[float, float] | None,
+    tokens: tuple[int, int] | None = None,
+) -> tuple[Any, ...]:
+    """The arguments that record one result: its custom_id, its line, and what the tally
+    counts in one string (``batch_record.lua`` reads it): ``ok|retries|latency_ms|bucket|
+    tokens_in|tokens_out|cost|saved|cached|code`` (latency and bucket empty for a request
+    never sent, cost and saved for a model with no price). One string, not ten
+    arguments: packing a command costs the client a few µs per argument.
+    ``cost``: (paid, saved) in USD, or None when the model has no price; ``tokens``:
+    the answer's (input, output) tokens, when the caller has them."""
+    sent = outcome.attempts > 0 and not outcome.cached
+    if not outcome.ok:
+        tokens_in, tokens_out = 0, 0
+    else:
+        tokens_in, tokens_out = usage_tokens(outcome.body) if tokens is None else tokens
+    if outcome.cached:
+        tokens_in = tokens_out = 0
+    tokens_in, tokens_out = max(tokens_in, 0), max(tokens_out, 0)
+    if outcome.cached or (tokens_in == 0 and tokens_out == 0):
+        priced = "0.0|0.0"  # nothing was paid for
+    elif cost is None:
+        priced = "|"
+    else:
+        priced = f"{cost[0]!r}|{cost[1]!r}"
+    latency = f"{outcome.latency_ms!r}|{latency_bucket(outcome.latency_ms)}" if sent else "|"
+    code = "" if outcome.error is None else outcome.error.code
+    tally = (
+        f"{1 if outcome.ok else 0}|{max(outcome.attempts - 1, 0)}|{latency}|{tokens_in}|"
+        f"{tokens_out}|{priced}|{1 if outcome.cached else 0}|{code}"
     )
+    return custom_id, line, tally
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +100,7 @@ class Claim:
     endpoint: str
     requests: list[QueuedRequest]
     token: str = ""
+    cache_ttl_s: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +115,52 @@ class Appended:
 @dataclass(frozen=True, slots=True)
 class Recorded:
     """What one record call did: results newly recorded, whether this call made the batch
-    final (exactly one caller ever sees True), whether its failure rate is over the limit."""
+    final (exactly one caller ever sees True), whether its failure rate is over the limit,
+    whether its spend reached its ``max_cost_usd``."""
 
     added: int
     became_final: bool
     too_many_failures: bool
+    over_budget: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One shard of a batch of the batch-api route: input order lines [start, end), and
+    how far it got (``state``: new, running, downloading, settling; see
+    ``worker.sources.batchapi``)."""
+
+    batch_id: str
+    k: int
+    start: int
+    end: int
+    fields: dict[str, str]
+
+    @property
+    def state(self) -> str:
+        return self.fields.get("state") or "new"
+
+    @property
+    def member(self) -> str:
+        return keys.shard_member(self.batch_id, self.k)
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def get(self, name: str) -> str | None:
+        value = self.fields.get(name)
+        return value or None
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What one settle call of a shard did (see ``BatchStore.settle_shard``)."""
+
+    done: bool
+    pushed: int
+    became_final: bool
+    stopped: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +190,10 @@ class BatchStore:
         self._fail_validating = scripts.register(redis, "batch_fail_validating")
         self._relist = scripts.register(redis, "batch_relist")
         self._sweep_due = scripts.register(redis, "sweep_due")
+        self._shard_define = scripts.register(redis, "shard_define")
+        self._shard_take = scripts.register(redis, "shard_take")
+        self._shard_update = scripts.register(redis, "shard_update")
+        self._shard_settle = scripts.register(redis, "shard_settle")
 
     # -- producing -----------------------------------------------------------------------
 
@@ -146,10 +213,14 @@ class BatchStore:
         )
         return decode(reply)
 
-    async def append(self, batch_id: str, requests: Sequence[QueuedRequest]) -> Appended:
+    async def append(
+        self, batch_id: str, requests: Sequence[QueuedRequest], *, pending: bool = True
+    ) -> Appended:
         """Write requests of a batch, in input order (one script call; a ``validating``
-        batch's requests wait for ``queue``, a queued one's can be claimed at once)."""
-        args: list[Any] = [batch_id]
+        batch's requests wait for ``queue``, a queued one's can be claimed at once).
+        ``pending=False``: stored and in the input order, but not claimable (the batch-api
+        route's requests wait for their shard)."""
+        args: list[Any] = [batch_id, "1" if pending else "0"]
         for r in requests:
             args += [r.custom_id, r.to_json()]
         written, stopped = await self._append(
@@ -178,6 +249,7 @@ class BatchStore:
                 keys.BATCHES,
                 keys.RUNNABLE,
                 keys.ACTIVE,
+                keys.pending(batch_id),
             ],
             args=[batch_id, total, total if written is None else written],
         )
@@ -329,6 +401,7 @@ class BatchStore:
                     keys.events(batch_id),
                     keys.RUNNABLE,
                     keys.tally(batch_id),
+                    keys.SHARDS,
                 ],
                 args=[batch_id, STOP_CHUNK, code, message, final_status, reason,
                       prefix, middle, suffix],
@@ -390,13 +463,15 @@ class BatchStore:
         remaining = int(reply[0])
         if remaining < 0:
             return Claim(remaining=-1, priority="", endpoint="", requests=[])
-        requests = [QueuedRequest.from_json(raw) for raw in reply[3:] if raw]
+        requests = [QueuedRequest.from_json(raw) for raw in reply[4:] if raw]
+        cache_ttl = decode(reply[3])
         return Claim(
             remaining=remaining,
             priority=decode(reply[1]),
             endpoint=decode(reply[2]),
             requests=requests,
             token=token if requests else previous_token,
+            cache_ttl_s=int(cache_ttl) if cache_ttl else None,
         )
 
     async def relist(self, batch_id: str) -> bool:
@@ -409,7 +484,7 @@ class BatchStore:
     async def record(self, batch_id: str, args: Sequence[Any]) -> Recorded:
         """Record results: ``args`` holds ``RECORD_ARGS`` items per result (see
         ``record_args``). Each custom_id counts once, whatever happens."""
-        added, final, too_many = await self._record(
+        added, final, too_many, over_budget = await self._record(
             keys=[
                 keys.batch(batch_id),
                 keys.results(batch_id),
@@ -420,7 +495,7 @@ class BatchStore:
             ],
             args=[len(args) // RECORD_ARGS, *args],
         )
-        return Recorded(int(added), bool(int(final)), bool(int(too_many)))
+        return Recorded(int(added), bool(int(final)), bool(int(too_many)), bool(int(over_budget)))
 
     async def release(
         self, batch_id: str, custom_ids: Iterable[str] | None = None, *, owner: str | None = None
@@ -489,6 +564,7 @@ class BatchStore:
                     keys.order(batch_id),
                     keys.inflight(batch_id),
                     keys.results(batch_id),
+                    keys.shards(batch_id),
                 ],
                 args=[ttl_s, batch_id, SWEEP_BACKSTOP_S, *fields],
             )
@@ -507,6 +583,120 @@ class BatchStore:
                 pipe.zrem(keys.BATCHES, batch_id)
                 await pipe.execute()
         return len(due)
+
+    # -- shards (the batch-api route) ----------------------------------------------------
+    # A batch of the batch-api route has no pending requests: its input order list is cut
+    # into shards (``define_shard``) that workers drive through the provider's Batch API
+    # (``worker.sources.batchapi``). The ``SHARDS`` index holds every shard not done,
+    # scored by when its next step is due; a worker leases one by taking it.
+
+    async def define_shard(self, batch_id: str, start: int, end: int, nbytes: int) -> int:
+        """Define the batch's next shard, lines [start, end) of its input order (left as
+        it is when a shard starting there exists); returns where the shards end."""
+        sharded, _ = await self._shard_define(
+            keys=[keys.batch(batch_id), keys.shards(batch_id), keys.SHARDS],
+            args=[batch_id, start, end, nbytes],
+        )
+        if int(sharded) < 0:
+            raise BatchError(f"batch {batch_id} is gone (expired or deleted) while loading")
+        return int(sharded)
+
+    async def next_shards(self, limit: int) -> list[tuple[str, float]]:
+        """Up to ``limit`` (member, due ms on Redis' clock) of the index, soonest first."""
+        raw = await self.redis.zrange(keys.SHARDS, 0, limit - 1, withscores=True)
+        return [(decode(member), float(score)) for member, score in raw]
+
+    async def take_shard(self, member: str, *, lease_ms: int, token: str) -> Shard | None:
+        """Lease a due shard (None: gone, or another worker took it first)."""
+        batch_id, _, k = member.rpartition(":")
+        taken = await self._shard_take(
+            keys=[keys.SHARDS, keys.shards(batch_id)], args=[member, k, lease_ms, token]
+        )
+        if not int(taken):
+            return None
+        shard = await self.shard(batch_id, int(k))
+        if shard is None:  # its batch is gone (expired): the member goes too
+            await self.redis.zrem(keys.SHARDS, member)
+        return shard
+
+    async def shard(self, batch_id: str, k: int) -> Shard | None:
+        raw = await self.redis.hgetall(keys.shards(batch_id))  # type: ignore[misc]
+        prefix = f"{k}:"
+        fields = {
+            decode(name)[len(prefix) :]: decode(value)
+            for name, value in raw.items()
+            if decode(name).startswith(prefix)
+        }
+        if "start" not in fields:
+            return None
+        return Shard(
+            batch_id=batch_id,
+            k=k,
+            start=int(fields["start"]),
+            end=int(fields["end"]),
+            fields=fields,
+        )
+
+    async def update_shard(
+        self,
+        shard: Shard,
+        token: str,
+        *,
+        next_ms: float,
+        start: bool = False,
+        **fields: str | int | float,
+    ) -> bool:
+        """Set a leased shard's fields and when its next step is due (``next_ms`` from
+        now; negative: done, out of the index). False: the lease is lost (another worker
+        took the shard over), nothing changed."""
+        args: list[Any] = [shard.member, shard.k, token, int(next_ms), "1" if start else "0"]
+        for name, value in fields.items():
+            args += [name, value]
+            shard.fields[name] = str(value)
+        ok = await self._shard_update(
+            keys=[keys.shards(shard.batch_id), keys.SHARDS, keys.batch(shard.batch_id)],
+            args=args,
+        )
+        return bool(int(ok))
+
+    async def settle_shard(
+        self, shard: Shard, *, mode: str, code: str = "", message: str = "", count: int
+    ) -> Settled:
+        """Up to ``count`` requests of the shard without a result (from its cursor) go to
+        the realtime lane (``mode="fallback"``) or end with ``code`` (``"fail"``). The
+        caller aggregates a batch this made final."""
+        prefix, middle, suffix = stop_template(code, message, route=BATCH_API)
+        batch_id = shard.batch_id
+        done, pushed, final, stopped = await self._shard_settle(
+            keys=[
+                keys.batch(batch_id),
+                keys.order(batch_id),
+                keys.results(batch_id),
+                keys.pending(batch_id),
+                keys.events(batch_id),
+                keys.RUNNABLE,
+                keys.tally(batch_id),
+                keys.shards(batch_id),
+            ],
+            args=[batch_id, shard.k, mode, count, code, prefix, middle, suffix],
+        )
+        if int(pushed):
+            await self.redis.sadd(keys.ACTIVE, batch_id)  # type: ignore[misc]
+            await self.wake()
+        return Settled(bool(int(done)), int(pushed), bool(int(final)), bool(int(stopped)))
+
+    async def shard_ids(self, shard: Shard) -> list[str]:
+        """The custom_ids of a shard, in input order (chunked reads)."""
+        ids: list[str] = []
+        async for chunk in self.shard_id_chunks(shard):
+            ids += chunk
+        return ids
+
+    async def shard_id_chunks(self, shard: Shard) -> AsyncIterator[list[str]]:
+        for start in range(shard.start, shard.end, READ_CHUNK):
+            stop = min(start + READ_CHUNK, shard.end) - 1
+            chunk = await self.redis.lrange(keys.order(shard.batch_id), start, stop)  # type: ignore[misc]
+            yield [decode(c) for c in chunk]
 
     async def active(self) -> list[str]:
         """Batches that may hold requests in flight (queued to finalizing): a dead

@@ -39,6 +39,10 @@ ACTIVE = f"{PREFIX}:batches:active"
 SWEEP = f"{PREFIX}:sweep"
 #: Sorted set of worker ids scored by their last heartbeat (unix seconds, Redis' clock).
 WORKERS = f"{PREFIX}:workers"
+#: Sorted set: the shards of batches of the batch-api route (members ``<batch id>:<k>``),
+#: scored by when their next step is due (ms, Redis' clock); a worker taking one leases it
+#: by moving its score ahead (``shared.batches``, "Shards").
+SHARDS = f"{PREFIX}:shards"
 
 
 def batch(batch_id: str) -> str:
@@ -94,6 +98,19 @@ def claims(batch_id: str) -> str:
     return f"{batch(batch_id)}:claims"
 
 
+def shards(batch_id: str) -> str:
+    """Hash: the batch-api route's shards of a batch, fields ``<k>:<name>``: ``start`` and
+    ``end`` (its lines in the input order list), ``bytes``, ``state``, ``lease``, the
+    provider's ``file_id`` and ``provider_batch``, ``output_file``, ``error_file``,
+    ``provider_status``, ``errors``, ``cursor`` (settling)."""
+    return f"{batch(batch_id)}:shards"
+
+
+def shard_member(batch_id: str, shard: int) -> str:
+    """A shard's member in the ``SHARDS`` index."""
+    return f"{batch_id}:{shard}"
+
+
 def batch_keys(batch_id: str) -> list[str]:
     """Every key of a batch (for inspection and clean-up)."""
     return [
@@ -107,6 +124,7 @@ def batch_keys(batch_id: str) -> list[str]:
         events(batch_id),
         claims(batch_id),
         tally(batch_id),
+        shards(batch_id),
     ]
 
 
@@ -163,6 +181,17 @@ def ratelimit(scope: str) -> str:
     """Hash: cluster-wide limiter state of one upstream (+ model): ``req_tat``,
     ``tok_tat`` (GCRA theoretical arrival times, ms) and ``cooldown_until`` (ms)."""
     return f"{PREFIX}:ratelimit:{{{scope}}}"
+
+
+def cache(digest: str) -> str:
+    """String with a TTL: the upstream's answer (body JSON) to a request whose endpoint and
+    canonical body hash to ``digest`` (sha256 hex)."""
+    return f"{PREFIX}:cache:{{{digest}}}"
+
+
+def cache_lock(digest: str) -> str:
+    """String with a short TTL: the worker sending that request now (others wait)."""
+    return f"{cache(digest)}:lock"
 
 
 def breaker(scope: str) -> str:

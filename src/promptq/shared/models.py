@@ -5,6 +5,7 @@ Pydantic at the edges (what users read); the worker's hot loop builds plain dict
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -83,6 +84,8 @@ class Result(BaseModel):
     latency_ms: float | None = None
     attempts: int = 0
     route: str = "realtime"
+    #: answered from the cache (an identical request's answer), not by the upstream
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -117,9 +120,19 @@ class BatchStats(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     errors_by_code: dict[str, int] = Field(default_factory=dict)
+    #: what the batch cost in USD (None: a model with no price was used)
+    cost_usd: float | None = None
+    #: route batch-api: the same tokens at realtime prices minus what was paid
+    saved_usd: float | None = None
+    #: requests answered from the cache
+    cached: int = 0
 
     def to_redis(self) -> dict[str, str]:
-        out = {k: str(v) for k, v in self.model_dump().items() if k != "errors_by_code"}
+        out = {
+            k: str(v)
+            for k, v in self.model_dump().items()
+            if k != "errors_by_code" and v is not None
+        }
         out["errors_by_code"] = serialization.dumps(self.errors_by_code).decode()
         return out
 
@@ -149,11 +162,20 @@ class BatchInfo(BaseModel):
     model: str | None = None
     endpoint: str = CHAT_ENDPOINT
     priority: Priority = Priority.BULK
+    route: str = "realtime"
+    deadline_at: float | None = None
+    max_cost_usd: float | None = None
     reason: str | None = None
     max_failure_rate: float | None = None
     retry_of: str | None = None
     retried_by: str | None = None
+    shards: int = 0
     stats: BatchStats | None = None
+    #: spend so far (the running tally): USD paid (None: a model with no price was
+    #: used), USD saved by the batch-api route, requests answered from the cache
+    cost_usd: float | None = None
+    saved_usd: float = 0.0
+    cached: int = 0
 
     @property
     def done(self) -> int:
@@ -161,13 +183,26 @@ class BatchInfo(BaseModel):
 
     @classmethod
     def from_redis(
-        cls, batch_id: str, raw: dict[str, str], stats: dict[str, str] | None = None
+        cls,
+        batch_id: str,
+        raw: dict[str, str],
+        stats: dict[str, str] | None = None,
+        spend: Sequence[str | None] | None = None,
     ) -> BatchInfo:
-        data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
+        """From the batch hash, its stats hash, and its tally's (cost, saved, unpriced,
+        cached)."""
+        data: dict[str, Any] = {
+            k: v for k, v in raw.items() if v != "" and k not in ("cost_usd", "saved_usd")
+        }
         data["id"] = batch_id
         info = cls.model_validate(data)
         if stats:
             info.stats = BatchStats.from_redis(stats)
+        if spend is not None:
+            cost, saved, unpriced, cached = spend
+            info.cost_usd = None if int(unpriced or 0) else float(cost or 0.0)
+            info.saved_usd = float(saved or 0.0)
+            info.cached = int(cached or 0)
         return info
 
     def to_json_dict(self) -> dict[str, Any]:

@@ -36,6 +36,9 @@ NUMERIC_FIELDS = frozenset(
         "pid",
         "started_at",
         "last_beat",
+        "cost_usd",
+        "saved_usd",
+        "cached",
         "concurrency",
         "limit",
         "in_flight",
@@ -51,6 +54,10 @@ def liveness_window_s(heartbeat_s: float) -> float:
     return LIVENESS_BEATS * heartbeat_s
 
 
+#: numeric heartbeat fields that stay floats even when whole
+FLOAT_FIELDS = frozenset({"last_beat", "cost_usd", "saved_usd"})
+
+
 def typed(beat: Mapping[str, str]) -> dict[str, Any]:
     """A heartbeat hash with its numeric fields as numbers."""
     out: dict[str, Any] = {}
@@ -61,7 +68,8 @@ def typed(beat: Mapping[str, str]) -> dict[str, Any]:
             except ValueError:
                 out[name] = value
                 continue
-            out[name] = int(number) if number.is_integer() and name != "last_beat" else number
+            whole = number.is_integer() and name not in FLOAT_FIELDS
+            out[name] = int(number) if whole else number
         else:
             out[name] = value
     return out

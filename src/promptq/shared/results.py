@@ -24,8 +24,10 @@ from promptq.shared.errors import UpstreamError
 
 #: how a request was answered (the ``route`` of its line)
 REALTIME = "realtime"
+BATCH_API = "batch-api"
 
-#: the keys of a result line, in order (``models.Result`` has the same fields)
+#: the keys of every result line, in order (``models.Result`` has the same fields, plus
+#: the ``cached`` marker that only a line answered from the cache carries)
 FIELDS = ("id", "custom_id", "response", "error", "latency_ms", "attempts", "route")
 
 
@@ -39,6 +41,7 @@ class Outcome:
     error: UpstreamError | None  # None on success
     attempts: int
     latency_ms: float  # first attempt to final answer, backoff included
+    cached: bool = False  # answered from the cache, not by the upstream
 
     @property
     def ok(self) -> bool:
@@ -71,8 +74,11 @@ def line(
     }
 
 
-def result_line(custom_id: str, outcome: Outcome, *, route: str = REALTIME) -> dict[str, Any]:
-    """The line for a request that was sent (or tried to be)."""
+def result_line(
+    custom_id: str, outcome: Outcome, *, route: str = REALTIME, line_id: str | None = None
+) -> dict[str, Any]:
+    """The line for a request that was sent (or tried to be), or answered from the cache
+    (``line_id``: the provider's id of the line, for the batch-api route's)."""
     response = None
     if outcome.status_code is not None:
         response = {
@@ -83,14 +89,18 @@ def result_line(custom_id: str, outcome: Outcome, *, route: str = REALTIME) -> d
     error = None
     if outcome.error is not None:
         error = {"code": outcome.error.code, "message": outcome.error.message}
-    return line(
+    out = line(
         custom_id=custom_id,
         response=response,
         error=error,
         latency_ms=outcome.latency_ms,
         attempts=outcome.attempts,
         route=route,
+        line_id=line_id,
     )
+    if outcome.cached:
+        out["cached"] = True
+    return out
 
 
 def internal_error(exc: BaseException) -> Outcome:

@@ -84,6 +84,25 @@ class Settings(BaseSettings):
         default=False,
         description="AIMD: shrink the concurrency on 429s and timeouts, grow it back on success",
     )
+    prices: str | None = Field(
+        default=None,
+        description="a JSON file of prices that overrides the built-in table "
+        '({"MODEL": {"input_per_1m": USD, "output_per_1m": USD, "batch_discount": 0.5}})',
+    )
+    cache_ttl_s: PositiveInt | None = Field(
+        default=None,
+        description="answer a request identical (endpoint + body) to one answered within "
+        "this many seconds from Redis, without an upstream call; unset = off",
+    )
+    batch_api_max_lines: PositiveInt = Field(
+        default=50_000, description="route batch-api: lines per provider batch (a shard)"
+    )
+    batch_api_max_bytes: PositiveInt = Field(
+        default=200 * 1024 * 1024, description="route batch-api: bytes per shard's input file"
+    )
+    batch_api_poll_s: float = Field(
+        default=30.0, gt=0, description="route batch-api: how often a provider batch is polled"
+    )
     upstream_down_s: float = Field(
         default=60.0,
         gt=0,

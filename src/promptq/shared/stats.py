@@ -101,9 +101,16 @@ class Histogram:
 
 
 def stats_from_tally(
-    tally: Mapping[str, str], *, succeeded: int, failed: int, wall_s: float
+    tally: Mapping[str, str],
+    *,
+    succeeded: int,
+    failed: int,
+    wall_s: float,
+    batch_api: bool = False,
 ) -> BatchStats:
-    """A batch's statistics from its running tally (see the module docstring)."""
+    """A batch's statistics from its running tally (see the module docstring). The cost
+    is None when any request used a model with no price; ``saved_usd`` is given for
+    batches of the batch-api route."""
     buckets: dict[int, int] = {}
     errors: Counter[str] = Counter()
     for name, value in tally.items():
@@ -114,6 +121,7 @@ def stats_from_tally(
     histogram = Histogram(buckets)
     count = int(tally.get("lat_n") or 0)
     total_ms = float(tally.get("lat_sum") or 0.0)
+    cost = float(tally.get("cost") or 0.0)
     finished = succeeded + failed
     return BatchStats(
         succeeded=succeeded,
@@ -130,6 +138,9 @@ def stats_from_tally(
         input_tokens=int(tally.get("in") or 0),
         output_tokens=int(tally.get("out") or 0),
         errors_by_code=dict(errors.most_common()),
+        cost_usd=None if int(tally.get("unpriced") or 0) else round(cost, 8),
+        saved_usd=round(float(tally.get("saved") or 0.0), 8) if batch_api else None,
+        cached=int(tally.get("cached") or 0),
     )
 
 

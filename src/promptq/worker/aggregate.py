@@ -17,6 +17,7 @@ from typing import Any
 
 from promptq.shared.batches import BatchStore
 from promptq.shared.connection import REDIS_DOWN, RedisHealth
+from promptq.shared.results import BATCH_API
 from promptq.shared.stats import stats_from_tally
 from promptq.shared.status import Status
 
@@ -45,6 +46,7 @@ async def aggregate(store: BatchStore, batch_id: str, *, default_ttl_s: int) -> 
         succeeded=int(raw.get("succeeded") or 0),
         failed=int(raw.get("failed") or 0),
         wall_s=max(last - created, 0.0),
+        batch_api=raw.get("route") == BATCH_API,
     )
     # a batch may keep its results for less (the HTTP chat lane: minutes, not days)
     ttl_s = int(raw.get("result_ttl_s") or default_ttl_s)

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from promptq.shared import keys
 from promptq.shared.connection import RedisHealth, is_redis_outage
 from promptq.shared.results import Outcome, internal_error
+from promptq.worker.cache import ResponseCache
 from promptq.worker.execute import Executor
 from promptq.worker.slots import Slots
 from promptq.worker.sources import Job, Source
@@ -45,8 +46,10 @@ class Dispatcher:
         slots: Slots,
         worker_id: str,
         health: RedisHealth,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.executor = executor
+        self.cache = cache
         self.slots = slots
         self.worker_id = worker_id
         self.health = health
@@ -143,7 +146,15 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         try:
-            outcome = await self.executor.execute(job.endpoint, job.body)
+            if job.cache_ttl_s and self.cache is not None:
+                outcome = await self.cache.run(
+                    job.endpoint,
+                    job.body,
+                    ttl_s=job.cache_ttl_s,
+                    send=lambda: self.executor.execute(job.endpoint, job.body),
+                )
+            else:
+                outcome = await self.executor.execute(job.endpoint, job.body)
         except Exception as exc:  # a bug, not an upstream answer: still one result
             logger.exception("request %s failed inside promptq", job.key)
             outcome = internal_error(exc)

@@ -2,6 +2,7 @@
 
     Engine(redis, settings)
       ├─ sources:    ChatSource (chat lane), BatchSource (batches)   worker.sources
+      ├─ ShardDriver the batch-api route's shards (openai backend)   worker.sources.batchapi
       ├─ Slots       capacity + AIMD                                 worker.slots
       ├─ Dispatcher  runs jobs, writes results                       worker.dispatcher
       │    └─ Executor + backend (openai | python:...)               worker.execute, .backends
@@ -32,6 +33,7 @@ from arq.connections import ArqRedis
 from promptq.shared.batches import BatchStore
 from promptq.shared.chatqueue import ChatQueue
 from promptq.shared.connection import RedisHealth, redis_clock_offset
+from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings
@@ -39,12 +41,15 @@ from promptq.worker import backends
 from promptq.worker.aggregate import Aggregator
 from promptq.worker.backends.http import HttpBackend
 from promptq.worker.breaker import CircuitBreaker
+from promptq.worker.cache import ResponseCache
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.execute import Executor
+from promptq.worker.provider import BatchApiClient
 from promptq.worker.recovery import Recovery
 from promptq.worker.retry import RetryPolicy
 from promptq.worker.slots import Slots
 from promptq.worker.sources.batch import BatchSource
+from promptq.worker.sources.batchapi import ShardDriver
 from promptq.worker.sources.chat import ChatSource
 from promptq.worker.supervisor import Supervisor
 
@@ -104,14 +109,26 @@ class Engine:
             breaker=self.breaker,
         )
         self.slots = Slots(capacity, adaptive=settings.adaptive_concurrency)
+        self.prices = PriceTable.load(settings.prices)
+        self.spend = Spend()
         self.dispatcher = Dispatcher(
-            executor=self.executor, slots=self.slots, worker_id=self.worker_id, health=self.health
+            executor=self.executor,
+            slots=self.slots,
+            worker_id=self.worker_id,
+            health=self.health,
+            cache=ResponseCache(redis, worker_id=self.worker_id, timeout_s=settings.timeout_s),
         )
         self.aggregator = Aggregator(
             self.store, default_ttl_s=settings.result_ttl_s, health=self.health
         )
         self.chat = ChatSource(
-            ChatQueue(redis), worker_id=self.worker_id, health=self.health, block_s=CHAT_BLOCK_S
+            ChatQueue(redis),
+            worker_id=self.worker_id,
+            health=self.health,
+            block_s=CHAT_BLOCK_S,
+            cache_ttl_s=settings.cache_ttl_s,
+            prices=self.prices,
+            spend=self.spend,
         )
         self.batches = BatchSource(
             self.store,
@@ -119,8 +136,31 @@ class Engine:
             health=self.health,
             poll_s=settings.poll_delay_s,
             on_final=self.aggregator.schedule,
+            prices=self.prices,
+            cache_ttl_s=settings.cache_ttl_s,
+            spend=self.spend,
         )
         self.sources = (self.chat, self.batches)  # chat first: a handler waits for each
+        # the batch-api route needs an upstream with a Batch API: the openai backend's
+        self.shards = (
+            ShardDriver(
+                self.store,
+                BatchApiClient(
+                    base_url=settings.upstream_url,
+                    api_key=settings.api_key,
+                    timeout_s=settings.timeout_s,
+                ),
+                worker_id=self.worker_id,
+                health=self.health,
+                poll_s=settings.batch_api_poll_s,
+                prices=self.prices,
+                on_final=self.aggregator.schedule,
+                spend=self.spend,
+                heartbeat_s=settings.heartbeat_s,
+            )
+            if isinstance(self.backend, HttpBackend)
+            else None
+        )
         self.recovery = Recovery(
             registry=self.registry, dispatcher=self.dispatcher, sources=self.sources
         )
@@ -161,6 +201,9 @@ class Engine:
             "failed": self.dispatcher.failed,
             "retries": self.dispatcher.retries,
             "upstream": self.backend.label,
+            "cost_usd": f"{self.spend.cost_usd:.6f}",
+            "saved_usd": f"{self.spend.saved_usd:.6f}",
+            "cached": self.spend.cached,
         }
 
     async def start(self) -> None:
@@ -177,6 +220,10 @@ class Engine:
                 await self.batches.listening.wait()
         if isinstance(self.backend, HttpBackend):
             self._check_task = asyncio.create_task(self._check_upstream(self.backend))
+        if self.shards is not None:
+            self.shards.clock_offset_s = self.chat.clock_offset_s
+            self.batches.on_wake.append(self.shards.poke)
+            await self.shards.start()
         self.ready.set()
         logger.info(
             "worker %s ready: %s, concurrency %d%s, %d attempt(s), timeout %.0fs, %s",
@@ -200,8 +247,9 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """Nothing running, nothing to write, nothing aggregating."""
-        return self.dispatcher.idle and self.aggregator.idle
+        """Nothing running, nothing to write, nothing aggregating, no shard stepping."""
+        shards_idle = self.shards is None or self.shards.idle
+        return self.dispatcher.idle and self.aggregator.idle and shards_idle
 
     async def stop(self, *, grace_s: float | None = None) -> None:
         """Drain (see the module docstring) and close; safe to call once started or not."""
@@ -212,6 +260,8 @@ class Engine:
             self._check_task.cancel()
             await asyncio.gather(self._check_task, return_exceptions=True)
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        if self.shards is not None:
+            await self.shards.stop()
         await self.dispatcher.stop_feeds()
         try:
             await self.dispatcher.drain(grace_s=grace)

@@ -161,6 +161,8 @@ class LocalWorker:
             return False
         if await self.engine.store.runnable(1):
             return False
+        if self.engine.shards is not None and await self.engine.store.next_shards(1):
+            return False
         return await ChatQueue(self.redis).length() == 0
 
     async def __aenter__(self) -> LocalWorker:

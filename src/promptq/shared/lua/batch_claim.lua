@@ -7,7 +7,7 @@
 -- The batch moves to the back of its lane in the runnable index (round robin between
 -- batches), or leaves it when nothing is pending.
 -- Returns {-1} for a batch that takes no claims (stopped, finished, gone), else
--- {remaining, priority, endpoint, request_json...}.
+-- {remaining, priority, endpoint, cache_ttl_s, request_json...}.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not CLAIMABLE[status] or redis.call('HEXISTS', KEYS[1], 'final_status') == 1 then
   redis.call('ZREM', KEYS[6], ARGV[3])
@@ -31,8 +31,8 @@ if remaining == 0 then
 else
   redis.call('ZADD', KEYS[6], service_score(KEYS[1]), ARGV[3])
 end
-local meta = redis.call('HMGET', KEYS[1], 'priority', 'endpoint')
-local out = {remaining, meta[1] or '', meta[2] or ''}
+local meta = redis.call('HMGET', KEYS[1], 'priority', 'endpoint', 'cache_ttl_s')
+local out = {remaining, meta[1] or '', meta[2] or '', meta[3] or ''}
 if #ids == 0 then return out end
 if status == S.QUEUED then
   redis.call('HSET', KEYS[1], 'status', S.IN_PROGRESS, 'in_progress_at', now_s())

@@ -1,4 +1,4 @@
--- KEYS: batch, order, batches (index), runnable (index), active (set).
+-- KEYS: batch, order, batches (index), runnable (index), active (set), pending.
 -- ARGV: batch id, total, written.
 -- Flips a batch from 'validating' to 'queued' and lists it, once its first requests are
 -- written: workers start on them while the producer writes the rest ('loading' until
@@ -12,6 +12,8 @@ if n ~= tonumber(ARGV[3]) then return {0, 'incomplete:' .. n} end
 redis.call('HSET', KEYS[1], 'status', S.QUEUED, 'total', ARGV[2])
 if n < tonumber(ARGV[2]) then redis.call('HSET', KEYS[1], 'loading', 1) end
 redis.call('ZADD', KEYS[3], redis.call('HGET', KEYS[1], 'created_at'), ARGV[1])
-if n > 0 then redis.call('ZADD', KEYS[4], service_score(KEYS[1]), ARGV[1]) end
+if redis.call('LLEN', KEYS[6]) > 0 then
+  redis.call('ZADD', KEYS[4], service_score(KEYS[1]), ARGV[1])
+end
 redis.call('SADD', KEYS[5], ARGV[1])
 return {1, S.QUEUED}

@@ -1,11 +1,13 @@
--- KEYS: batch, pending, results, events, runnable (index), tally.
+-- KEYS: batch, pending, results, events, runnable (index), tally, shards (index).
 -- ARGV: batch id, max count, error code, error message, final status, reason, then the
 -- result line template (prefix, middle, suffix around the JSON id and custom_id).
 -- Stops a batch: a user's cancel (final 'cancelled', status 'cancelling' meanwhile) or
 -- promptq's own stop (final 'failed': a fatal upstream answer, the failure rate).
 -- Claims refuse a stopped batch at once; up to N never-sent requests get a result with
 -- the given code (call again while it returns more); in-flight requests finish. The
--- first stop's final status and reason win. Returns {status, remaining, became_final}.
+-- first stop's final status and reason win. The batch's shards (batch-api route) are
+-- due at once: their provider batches are cancelled, their requests end with the code.
+-- Returns {status, remaining, became_final}.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'', 0, 0} end
 local now = now_s()
@@ -20,6 +22,13 @@ if STOPPABLE[status] then
     status = S.CANCELLING
   end
   redis.call('ZREM', KEYS[5], ARGV[1])
+  local shards = tonumber(redis.call('HGET', KEYS[1], 'shards') or '0')
+  if shards > 0 then
+    local t = redis.call('TIME')
+    for k = 0, shards - 1 do
+      redis.call('ZADD', KEYS[7], 'XX', tonumber(t[1]) * 1000, ARGV[1] .. ':' .. k)
+    end
+  end
 elseif status ~= S.CANCELLING then
   return {status, 0, 0}
 end

@@ -35,6 +35,7 @@ class Job:
     endpoint: str
     body: dict[str, Any]
     extra: Any = field(default=None)  # the source's own data (the chat queue entry)
+    cache_ttl_s: int | None = None  # answer identical requests from the cache
 
 
 class Source(Protocol):

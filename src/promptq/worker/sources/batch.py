@@ -32,7 +32,9 @@ from promptq.shared import keys, serialization
 from promptq.shared.batches import RECORD_ARGS, BatchStore, record_args
 from promptq.shared.connection import RedisHealth, is_redis_outage
 from promptq.shared.errors import stops_batch
+from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.results import Outcome, result_line
+from promptq.shared.stats import usage_tokens
 from promptq.shared.status import RUNNING, Status
 from promptq.worker.breaker import UNREACHABLE
 from promptq.worker.dispatcher import Dispatcher
@@ -47,6 +49,19 @@ CANDIDATES = 8
 #: a failed claim is tried again after this long, doubling up to CLAIM_RETRY_MAX_S
 CLAIM_RETRY_S = 0.05
 CLAIM_RETRY_MAX_S = 1.0
+
+
+BUDGET_EXCEEDED = "budget_exceeded"
+
+
+def budget_stop(budget: float) -> tuple[str, str, str]:
+    """(code, message of the unsent requests' lines, reason) of a budget stop."""
+    return (
+        BUDGET_EXCEEDED,
+        f"not sent: the batch reached its budget of ${budget:g} (--max-cost-usd)",
+        f"stopped: the batch spent its budget of ${budget:g} (--max-cost-usd); "
+        "the requests in flight then finished",
+    )
 
 
 @dataclass(slots=True)
@@ -73,16 +88,25 @@ class BatchSource:
         health: RedisHealth,
         poll_s: float,
         on_final: Callable[[str], None],
+        prices: PriceTable | None = None,
+        cache_ttl_s: int | None = None,
+        spend: Spend | None = None,
     ) -> None:
         self.store = store
+        self.spend = spend or Spend()
         self.worker_id = worker_id
         self.health = health
         self.poll_s = poll_s
         self.on_final = on_final
+        self.prices = prices or PriceTable.load()
+        #: the workers' PROMPTQ_CACHE_TTL_S (a batch's --cache sets its own)
+        self.cache_ttl_s = cache_ttl_s
         #: set by a wake-up message: a batch has requests to claim
         self.wanted = asyncio.Event()
         #: set once the wake-up channel is subscribed (a message before it is missed)
         self.listening = asyncio.Event()
+        #: also called on every wake-up message (the batch-api route's shard driver)
+        self.on_wake: list[Callable[[], None]] = []
         #: batches this worker claims from; a batch leaves once nothing of it is held
         #: and nothing is pending (``_settle``)
         self.batches: dict[str, _Batch] = {}
@@ -146,11 +170,13 @@ class BatchSource:
                 dispatcher.slots.give(n)
             state.drained = claim.remaining <= 0
             state.token = claim.token
+            cache_ttl_s = claim.cache_ttl_s or self.cache_ttl_s
             for request in claim.requests:
                 state.held.add(request.custom_id)
                 dispatcher.start(
-                    Job(self, request.custom_id, batch_id, claim.endpoint, request.body)
-                )
+                    Job(self, request.custom_id, batch_id, claim.endpoint, request.body,
+                        cache_ttl_s=cache_ttl_s)
+                )  # fmt: skip
             if claim.requests:
                 return len(claim.requests)
             self._settle(batch_id)
@@ -170,6 +196,8 @@ class BatchSource:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self.wanted.set()
+                        for wake in self.on_wake:
+                            wake()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis restarting: polling covers the gap
@@ -184,7 +212,18 @@ class BatchSource:
 
     def finished(self, job: Job, outcome: Outcome) -> None:
         line = serialization.dumps(result_line(job.key, outcome))
-        self._buffer.setdefault(job.group, []).extend(record_args(job.key, line, outcome))
+        cost = None
+        tokens = (0, 0)
+        if outcome.ok:
+            tokens = usage_tokens(outcome.body)
+            if not outcome.cached:
+                cost = self.prices.cost_of(
+                    outcome.body, job.body.get("model"), batch=False, tokens=tokens
+                )
+            self.spend.add(cost, cached=outcome.cached)
+        self._buffer.setdefault(job.group, []).extend(
+            record_args(job.key, line, outcome, cost=cost, tokens=tokens)
+        )
         error = outcome.error
         if error is not None and stops_batch(error):
             if error.code == UNREACHABLE:
@@ -227,6 +266,8 @@ class BatchSource:
             self.on_final(batch_id)
         elif recorded.too_many_failures:
             self._spawn(self._stop_for_failure_rate(batch_id))
+        elif recorded.over_budget:
+            self._spawn(self._stop_for_budget(batch_id))
         self._settle(batch_id)
         return True
 
@@ -279,6 +320,11 @@ class BatchSource:
             reason=f"stopped: {rate:.0%} of {ok + failed:.0f} finished requests failed, "
             f"over the {limit:.0%} allowed (--max-failure-rate)",
         )
+
+    async def _stop_for_budget(self, batch_id: str) -> None:
+        (raw,) = await self.store.fields(batch_id, "max_cost_usd")
+        code, message, reason = budget_stop(float(raw or 0))
+        self._stop(batch_id, code=code, message=message, reason=reason)
 
     async def wait_stops(self) -> None:
         """Wait for stops and failure-rate checks under way (shutdown)."""

@@ -29,6 +29,7 @@ from promptq.shared import serialization
 from promptq.shared.chatqueue import Answer, BadChatEntry, ChatEntry, ChatQueue
 from promptq.shared.connection import RedisHealth, is_redis_outage
 from promptq.shared.models import CHAT_ENDPOINT
+from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.results import Outcome, internal_error, result_line
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.sources import Job
@@ -55,11 +56,17 @@ class ChatSource:
         health: RedisHealth,
         block_s: float,
         clock_offset_s: float = 0.0,
+        cache_ttl_s: int | None = None,
+        prices: PriceTable | None = None,
+        spend: Spend | None = None,
     ) -> None:
         self.queue = queue
+        self.prices = prices or PriceTable.load()
+        self.spend = spend or Spend()
         self.worker_id = worker_id
         self.health = health
         self.block_s = block_s
+        self.cache_ttl_s = cache_ttl_s
         #: Redis' clock minus this machine's (deadlines are on Redis' clock)
         self.clock_offset_s = clock_offset_s
         #: queue entries running here or whose answer is not yet written
@@ -115,7 +122,10 @@ class ChatSource:
             dispatcher.schedule_flush()
             return
         self.held.add(raw)
-        dispatcher.start(Job(self, entry.id, "", CHAT_ENDPOINT, entry.body, extra=(raw, entry)))
+        dispatcher.start(
+            Job(self, entry.id, "", CHAT_ENDPOINT, entry.body, extra=(raw, entry),
+                cache_ttl_s=self.cache_ttl_s)
+        )  # fmt: skip
 
     def _forget(self, raw: bytes) -> None:
         """Drop an entry from this worker's list without answering it."""
@@ -126,6 +136,11 @@ class ChatSource:
 
     def finished(self, job: Job, outcome: Outcome) -> None:
         raw, entry = job.extra
+        if outcome.ok:
+            cost = None
+            if not outcome.cached:
+                cost = self.prices.cost_of(outcome.body, job.body.get("model"), batch=False)
+            self.spend.add(cost, cached=outcome.cached)
         try:
             line = serialization.dumps(result_line(entry.id, outcome))
         except Exception as exc:  # e.g. an answer orjson cannot encode: still answer
