@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -22,6 +23,8 @@ from promptq.mock import (
     serve_forever,
 )
 from promptq.mock._directives import Directives, parse_directives
+
+from .conftest import wait_until
 
 
 def chat(text: Any, **extra: Any) -> dict[str, Any]:
@@ -156,16 +159,16 @@ async def test_models_and_unknown_route(server: MockServer, session: aiohttp.Cli
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        (b"not json", "messages"),
-        (b"", "messages"),
-        (b"\xff\xfe", "messages"),
+        # as OpenAI answers a body that is not JSON: no param
+        (b"not json", None),
+        (b"", None),
+        (b"\xff\xfe", None),
         (b"[1, 2]", "messages"),
         ({"model": "m"}, "messages"),
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
         ({"messages": ["hi"]}, "messages"),
         ({"messages": [{"role": "user", "content": "hi"}], "model": 3}, "model"),
-        (chat("hi", stream=True), "stream"),
     ],
 )
 async def test_bad_bodies_get_400(
@@ -173,7 +176,7 @@ async def test_bad_bodies_get_400(
     session: aiohttp.ClientSession,
     caplog: pytest.LogCaptureFixture,
     body: Any,
-    param: str,
+    param: str | None,
 ) -> None:
     status, payload, _ = await post(session, server, body)
     assert status == 400
@@ -182,9 +185,79 @@ async def test_bad_bodies_get_400(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-async def test_stream_error_explains(server: MockServer, session: aiohttp.ClientSession) -> None:
-    _, payload, _ = await post(session, server, chat("hi", stream=True))
+async def test_stream_is_refused_where_not_served(
+    server: MockServer, session: aiohttp.ClientSession
+) -> None:
+    url = server.url + "/completions"
+    async with session.post(url, json={"prompt": "hi", "stream": True}) as resp:
+        payload = await resp.json()
+    assert resp.status == 400
     assert "stream" in payload["error"]["message"].lower()
+
+
+def sse_data(text: str) -> list[str]:
+    return [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
+
+
+async def test_chat_streams_the_same_content_with_usage_and_done(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with MockServer(MockConfig(stream_chunks=5)) as mock:
+        body = {**chat("stream me please"), "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        async with session.post(mock.url + "/chat/completions", json=body) as resp:
+            assert resp.headers["Content-Type"] == "text/event-stream"
+            data = sse_data(await resp.text())
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == expected_content(chat("stream me please"))
+    assert sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")) == 5
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["total_tokens"] > 0
+    assert mock.stats.streams == 1
+
+
+async def test_responses_stream_typed_events_and_match_the_plain_answer(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with MockServer() as mock:
+        url = mock.url + "/responses"
+        async with session.post(url, json={"model": "m", "input": "say hi"}) as resp:
+            plain = await resp.json()
+        async with session.post(url, json={"model": "m", "input": "say hi", "stream": True}) as r:
+            text = await r.text()
+    events = [
+        line.removeprefix("event: ") for line in text.split("\n") if line.startswith("event: ")
+    ]
+    payloads = [json.loads(d) for d in sse_data(text)]
+    assert events[0] == "response.created"
+    assert events[-1] == "response.completed"
+    assert [p["type"] for p in payloads] == events
+    assert [p["sequence_number"] for p in payloads] == list(range(len(payloads)))
+    deltas = "".join(p["delta"] for p in payloads if p["type"] == "response.output_text.delta")
+    assert deltas == plain["output"][0]["content"][0]["text"] == "echo: say hi"
+    assert payloads[-1]["response"]["usage"] == plain["usage"]
+
+
+async def test_a_stream_cut_midway_and_a_client_that_leaves(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with MockServer(MockConfig(stream_chunks=20, stream_interval_ms=20)) as mock:
+        body = {**chat("long story [[mock cut=3]]"), "stream": True}
+        async with session.post(mock.url + "/chat/completions", json=body) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        assert mock.stats.drops == 1
+        body = {**chat("long story"), "stream": True}
+        async with session.post(mock.url + "/chat/completions", json=body) as resp:
+            await resp.content.readline()  # the first event, then leave
+
+        async def cancelled() -> bool:
+            return mock.stats.streams_cancelled == 1
+
+        await wait_until(cancelled, what="the mock to see the client leave")
 
 
 async def test_bad_directive_gets_400(server: MockServer, session: aiohttp.ClientSession) -> None:
@@ -392,7 +465,10 @@ async def test_stats_and_max_in_flight(session: aiohttp.ClientSession) -> None:
         assert reported["in_flight"] == 0
         async with session.post(mock.url.removesuffix("/v1") + "/stats/reset") as resp:
             assert resp.status == 200
-        assert mock.stats == MockStats()
+        # the gauge of open connections is kept (this session still holds its own)
+        held = mock.stats.connections
+        assert 1 <= held <= 20
+        assert mock.stats == MockStats(connections=held, max_connections=held)
 
 
 async def test_serve_forever_logs_url(caplog: pytest.LogCaptureFixture) -> None:

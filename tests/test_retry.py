@@ -52,7 +52,7 @@ def test_parse_retry_after_forms() -> None:
         (429, b'{"error": {"type": "insufficient_quota", "code": "insufficient_quota"}}', False,
          "insufficient_quota"),
         (500, b'{"error": {"message": "boom", "type": "server_error"}}', True, "server_error"),
-        (503, b"upstream down", True, "server_error"),
+        (503, b"upstream down", True, "server_unavailable"),
         (408, b"", True, "request_timeout"),
         (400, b'{"error": {"code": "context_length_exceeded"}}', False, "context_length_exceeded"),
         (401, b'{"error": {"code": "invalid_api_key"}}', False, "invalid_api_key"),

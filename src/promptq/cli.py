@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from promptq import _display as display
 from promptq._outputs import default_errors_path
+from promptq.mock._flavours import FLAVOURS
 from promptq.shared.errors import (
     BatchError,
     BatchNotFound,
@@ -697,13 +698,44 @@ def serve(
     show_default=True,
     help="Batch API: a provider batch completes this many seconds after it is created.",
 )
+@click.option(
+    "--flavour",
+    type=click.Choice(FLAVOURS),
+    default="openai",
+    show_default=True,
+    help="Answer errors as this server does (bodies and status codes); llamacpp also "
+    "imitates llama-server's HTTP thread pool, keep-alive and slots.",
+)
+@click.option("--api-key", help="Refuse requests without 'Authorization: Bearer KEY'.")
+@click.option(
+    "--context-tokens",
+    type=int,
+    help="Prompts longer than this get a context error [llamacpp: 512].",
+)
+@click.option("--slots", type=int, help="Requests processed at once; the rest queue [llamacpp: 4].")
+@click.option(
+    "--http-threads",
+    type=int,
+    help="Connections served at once, idle keep-alive ones included [llamacpp: slots + 4].",
+)
+@click.option(
+    "--keepalive-s", type=float, help="Idle keep-alive connections closed after this [llamacpp: 5]."
+)
+@click.option(
+    "--embeddings/--no-embeddings",
+    default=None,
+    help="Serve POST /v1/embeddings [default: yes; llamacpp: no, as without --embeddings].",
+)
 def mock_llm(host: str, port: int, **options: Any) -> None:
-    """Mock OpenAI-compatible upstream (POST /v1/chat/completions, GET /stats).
+    """Mock OpenAI-compatible upstream (chat completions, completions, embeddings, the
+    Files and Batches API, GET /stats).
 
     Answers deterministically ("echo: <prompt>"), with optional latency and injected
     faults. A prompt may script its own fate: "hi [[mock status=500 fail=2]]" fails
     twice then succeeds; also status=429 retry_after=1.5, quota=1, hang=1,
-    malformed=1, drop=1, latency_ms=L.
+    malformed=1, drop=1, latency_ms=L, and error=KIND (context, parse, invalid, auth,
+    model, path, busy, loading, unsupported, too_large, server) in the body the
+    --flavour's server gives it.
 
     It is also a provider with a Batch API (POST /v1/files, /v1/batches, ...) for
     --route batch-api: batch=fail|expire|hold in a line fails its provider batch,

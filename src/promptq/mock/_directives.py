@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from promptq.mock._flavours import KINDS
+
 __all__ = [
     "DIRECTIVE_MARKER",
     "ECHO_PREFIX",
@@ -62,12 +64,18 @@ class Directives:
     * ``hang=1``: never answer; ``malformed=1``: 200 with truncated JSON;
       ``drop=1``: close the connection without a response.
     * ``latency_ms=L`` (milliseconds, float): replaces the configured latency and jitter.
+    * ``error=KIND``: the failure ``KIND`` (``context``, ``parse``, ``busy``, ``loading``,
+      ...; :data:`promptq.mock._flavours.KINDS`) in the body the mock's flavour's server
+      gives it (``--flavour``; e.g. llama.cpp's 503 ``Loading model`` for ``loading``).
+    * ``chunks=N``, ``interval_ms=M`` (a streamed answer): N pieces of content, M ms
+      apart; ``cut=K``: the connection drops after K events (a failure mid-stream).
     * ``batch=fail|expire|hold`` (the mock's Batch API only; a realtime request with it
       is answered as usual): the provider batch holding the line fails validation, the
       line expires (the batch ends ``expired``), or the line is never run (the batch
       stays ``in_progress`` until cancelled).
 
-    When several faults are set the first of drop, hang, malformed, status/quota wins.
+    When several faults are set the first of drop, hang, malformed, error, status/quota
+    wins.
     """
 
     status: int | None = None
@@ -80,11 +88,22 @@ class Directives:
     drop: bool = False
     latency_ms: float | None = None
     batch: str | None = None
+    error: str | None = None
+    cut: int | None = None
+    chunks: int | None = None
+    interval_ms: float | None = None
 
     @property
     def has_fault(self) -> bool:
         """True if the directives ask for any non-success outcome."""
-        return self.status is not None or self.quota or self.hang or self.malformed or self.drop
+        return (
+            self.status is not None
+            or self.quota
+            or self.hang
+            or self.malformed
+            or self.drop
+            or self.error is not None
+        )
 
 
 def message_text(content: Any) -> str:
@@ -181,8 +200,16 @@ def _apply(fields: dict[str, Any], key: str, value: str) -> None:
         fields[key] = _integer(key, value, 0, 1_000_000)
     elif key in ("quota", "hang", "malformed", "drop"):
         fields[key] = _flag(key, value)
-    elif key in ("retry_after", "retry_after_ms", "latency_ms"):
+    elif key in ("cut", "chunks"):
+        fields[key] = _integer(key, value, 0 if key == "cut" else 1, 100_000)
+    elif key in ("retry_after", "retry_after_ms", "latency_ms", "interval_ms"):
         fields[key] = _number(key, value)
+    elif key == "error":
+        if value not in KINDS:
+            raise DirectiveError(
+                f"mock directive error={value!r}: expected one of {', '.join(KINDS)}"
+            )
+        fields[key] = value
     elif key == "batch":
         if value not in BATCH_FATES:
             raise DirectiveError(
@@ -220,6 +247,7 @@ def parse_directives(messages: Iterable[Any]) -> Directives | None:
     directives = Directives(**fields)
     if directives.fail is not None and not directives.has_fault:
         raise DirectiveError(
-            "mock directive fail=K needs a fault: status=, quota=1, hang=1, malformed=1 or drop=1"
+            "mock directive fail=K needs a fault: status=, error=, quota=1, hang=1, malformed=1"
+            " or drop=1"
         )
     return directives

@@ -6,7 +6,18 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from promptq.mock._flavours import FLAVOURS
+
 __all__ = ["MockConfig", "MockStats"]
+
+#: llama-server as started with --parallel 4 --ctx-size 2048 (512 tokens per slot)
+_LLAMACPP_DEFAULTS: dict[str, Any] = {
+    "context_tokens": 512,
+    "slots": 4,
+    "keepalive_s": 5.0,
+    "keepalive_max": 100,
+    "embeddings": False,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +47,28 @@ class MockConfig:
             self-hosted server at capacity (default ``None``).
         batch_turnaround_s: the Batch API's turnaround: a provider batch completes this
             long after it is created (default 0: at once).
+        flavour: which server to imitate: ``openai`` (default), ``vllm``, ``ollama``,
+            ``llamacpp`` or ``tgi`` — their error bodies (:mod:`promptq.mock._flavours`)
+            and, for ``llamacpp``, its HTTP layer and slots (the defaults below).
+        api_key: if set, a request without ``Authorization: Bearer <api_key>`` gets the
+            flavour's authentication error (default ``None``: no check).
+        context_tokens: prompts estimated longer than this get the flavour's context
+            error (default ``None``: unlimited; ``llamacpp``: 512, its context per slot).
+        slots: requests processed at once; the others queue, as on a self-hosted server
+            (default ``None``: unlimited; ``llamacpp``: 4, its ``--parallel``).
+        http_threads: connections served at once, each from accept until it closes, as
+            a thread-per-connection server; the others wait to be served (default
+            ``None``: unlimited; ``llamacpp``: ``slots + 4``, its ``--threads-http``).
+        keepalive_s: an idle keep-alive connection is closed after this long (default
+            ``None``: aiohttp's 75 s; ``llamacpp``: 5, announced as ``Keep-Alive:
+            timeout=5, max=100``).
+        keepalive_max: requests served on one connection before it is closed (default
+            ``None``: unlimited; ``llamacpp``: 100, cpp-httplib's default).
+        embeddings: ``POST /v1/embeddings`` is served (default ``True``; ``llamacpp``:
+            ``False``, answered 501 as ``llama-server`` without ``--embeddings`` does).
+        stream_chunks: a streamed answer's content comes in this many pieces (default 8).
+        stream_interval_ms: milliseconds between streamed events (default 0); the
+            configured latency comes before the first.
     """
 
     latency_ms: float = 0.0
@@ -51,13 +84,43 @@ class MockConfig:
     rpm_limit: int | None = None
     max_concurrency: int | None = None
     batch_turnaround_s: float = 0.0
+    flavour: str = "openai"
+    api_key: str | None = None
+    context_tokens: int | None = None
+    slots: int | None = None
+    http_threads: int | None = None
+    keepalive_s: float | None = None
+    keepalive_max: int | None = None
+    embeddings: bool | None = None
+    stream_chunks: int = 8
+    stream_interval_ms: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise ValueError(
+                f"MockConfig.flavour must be one of {', '.join(FLAVOURS)}, got {self.flavour!r}"
+            )
+        defaults = _LLAMACPP_DEFAULTS if self.flavour == "llamacpp" else {"embeddings": True}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.flavour == "llamacpp" and self.http_threads is None:
+            object.__setattr__(self, "http_threads", (self.slots or 1) + 4)
+        for name in ("context_tokens", "slots", "http_threads", "keepalive_max"):
+            limit = getattr(self, name)
+            if limit is not None and limit < 1:
+                raise ValueError(f"MockConfig.{name} must be >= 1, got {limit}")
+        if self.keepalive_s is not None and (
+            not math.isfinite(self.keepalive_s) or self.keepalive_s <= 0
+        ):
+            raise ValueError(f"MockConfig.keepalive_s must be > 0, got {self.keepalive_s}")
         for name in ("rpm_limit", "max_concurrency"):
             limit = getattr(self, name)
             if limit is not None and limit < 1:
                 raise ValueError(f"MockConfig.{name} must be >= 1, got {limit}")
-        for name in ("latency_ms", "jitter_ms", "batch_turnaround_s"):
+        if self.stream_chunks < 1:
+            raise ValueError(f"MockConfig.stream_chunks must be >= 1, got {self.stream_chunks}")
+        for name in ("latency_ms", "jitter_ms", "batch_turnaround_s", "stream_interval_ms"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"MockConfig.{name} must be a finite number >= 0, got {value}")
@@ -105,6 +168,15 @@ class MockStats:
     rate_limited: int = 0  # 429s sent by the enforcing modes (rpm_limit, max_concurrency)
     #: Batch API calls by kind: upload, create, retrieve, list, cancel, content
     batch_calls: dict[str, int] = field(default_factory=dict)
+    #: open TCP connections (a gauge), their high-water mark, and how many waited for a
+    #: free HTTP thread (``http_threads``) and for how long in all
+    #: streamed answers begun, and those whose client left before the end
+    streams: int = 0
+    streams_cancelled: int = 0
+    connections: int = 0
+    max_connections: int = 0
+    connections_waited: int = 0
+    connection_wait_s: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy; ``responses_by_status`` keys become strings (as JSON has it)."""
@@ -120,6 +192,12 @@ class MockStats:
             "malformed": self.malformed,
             "rate_limited": self.rate_limited,
             "batch_calls": dict(sorted(self.batch_calls.items())),
+            "streams": self.streams,
+            "streams_cancelled": self.streams_cancelled,
+            "connections": self.connections,
+            "max_connections": self.max_connections,
+            "connections_waited": self.connections_waited,
+            "connection_wait_s": round(self.connection_wait_s, 3),
         }
 
     def reset(self) -> None:
@@ -132,3 +210,8 @@ class MockStats:
         self.malformed = 0
         self.rate_limited = 0
         self.batch_calls.clear()
+        self.streams = 0
+        self.streams_cancelled = 0
+        self.max_connections = self.connections
+        self.connections_waited = 0
+        self.connection_wait_s = 0.0

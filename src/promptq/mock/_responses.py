@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Mapping
@@ -9,15 +10,23 @@ from typing import Any, Final
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from promptq.mock._directives import estimate_tokens, expected_content, prompt_chars
+from promptq.mock._directives import (
+    ECHO_PREFIX,
+    MAX_ECHO_CHARS,
+    estimate_tokens,
+    expected_content,
+    prompt_chars,
+)
+from promptq.mock._flavours import Failure
 
 __all__ = [
+    "completion_bytes",
+    "embedding_bytes",
     "error_response",
+    "failure_response",
     "fmt_seconds",
     "invalid_request",
-    "openai_errors",
     "status_error",
     "success",
     "success_bytes",
@@ -66,6 +75,65 @@ def success_bytes(body: Mapping[str, Any], messages: list[dict[str, Any]], model
             },
         }
     )
+
+
+def completion_bytes(prompt: str, model: str) -> bytes:
+    """The text_completion JSON for ``prompt``: ``"echo: "`` + its first 200 characters."""
+    text = ECHO_PREFIX + prompt[:MAX_ECHO_CHARS]
+    prompt_tokens = estimate_tokens(len(prompt))
+    completion_tokens = estimate_tokens(len(text))
+    return orjson.dumps(
+        {
+            "id": "cmpl-" + os.urandom(12).hex(),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": "stop"}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    )
+
+
+def embedding_vector(text: str) -> list[float]:
+    """A deterministic 8-dimensional unit-free vector for ``text`` (bytes of its hash)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return [round(byte / 255.0, 4) for byte in digest]
+
+
+def embedding_bytes(texts: list[str], model: str) -> bytes:
+    """The embeddings list JSON: one :func:`embedding_vector` per input, in order."""
+    tokens = sum(estimate_tokens(len(text)) for text in texts)
+    return orjson.dumps(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": index, "embedding": embedding_vector(text)}
+                for index, text in enumerate(texts)
+            ],
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+def failure_response(failure: Failure, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A flavour's failed answer (:mod:`promptq.mock._flavours`): JSON, text or empty."""
+    all_headers = _headers()
+    if isinstance(failure.body, str):
+        payload = failure.body.encode()
+    elif failure.body is None:
+        payload = b""
+        all_headers["Content-Type"] = "text/plain; charset=utf-8"
+    else:
+        payload = orjson.dumps(failure.body)
+    all_headers.update(failure.headers)
+    if headers:
+        all_headers.update(headers)
+    return web.Response(status=failure.status, body=payload, headers=all_headers)
 
 
 def success(body: bytes) -> web.Response:
@@ -156,14 +224,3 @@ def status_error(
         wait_s = retry_after_ms / 1000.0
     message, type_, code = _describe(status, model, quota=quota, wait_s=wait_s)
     return error_response(status, message, type_=type_, code=code, headers=headers)
-
-
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn aiohttp's plain-text 404/405/413 into OpenAI-shaped error bodies."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return error_response(exc.status, exc.reason, type_="invalid_request_error", code=None)

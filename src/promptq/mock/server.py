@@ -3,10 +3,15 @@
 ``POST /v1/chat/completions`` answers ``"echo: <last user text>"`` (see
 :func:`expected_content`) after an optional latency, or a fault: random ones from
 :class:`MockConfig` rates, or scripted ones from ``[[mock ...]]`` directives in the
-prompt (see :class:`~promptq.mock._directives.Directives`). ``GET /stats`` reports
-:class:`MockStats`, ``POST /stats/reset`` zeroes it, ``GET /v1/models`` lists the model.
-The Files and Batches endpoints of a provider's Batch API are in memory
-(:mod:`promptq.mock._batches`).
+prompt (see :class:`~promptq.mock._directives.Directives`). ``POST /v1/completions``
+echoes the prompt the same way and ``POST /v1/embeddings`` answers a small deterministic
+vector per input. ``GET /stats`` reports :class:`MockStats`, ``POST /stats/reset`` zeroes
+it, ``GET /v1/models`` lists the model. The Files and Batches endpoints of a provider's
+Batch API are in memory (:mod:`promptq.mock._batches`).
+
+``MockConfig.flavour`` makes it answer failures as vLLM, Ollama, llama.cpp's
+``llama-server`` or TGI do (:mod:`promptq.mock._flavours`); ``llamacpp`` also imitates
+that server's HTTP thread pool and slots (:mod:`promptq.mock._http`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import random
+import weakref
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final
@@ -28,14 +35,29 @@ from promptq.mock._directives import (
     DIRECTIVE_MARKER,
     DirectiveError,
     Directives,
+    estimate_tokens,
     expected_content,
     parse_directives,
+    prompt_chars,
 )
+from promptq.mock._endpoints import (
+    chat_stream,
+    input_messages,
+    moderation_bytes,
+    response_bytes,
+    responses_stream,
+)
+from promptq.mock._flavours import Facts, failure
+from promptq.mock._http import ConnectionGate, GatedProtocol
 from promptq.mock._limits import RequestBucket
 from promptq.mock._models import MockConfig, MockStats
 from promptq.mock._responses import (
+    completion_bytes,
+    embedding_bytes,
+    error_response,
+    failure_response,
+    fmt_seconds,
     invalid_request,
-    openai_errors,
     status_error,
     success,
     success_bytes,
@@ -63,6 +85,15 @@ _MAX_TRACKED_BODIES: Final = 100_000
 _SHUTDOWN_TIMEOUT_S: Final = 0.5
 
 _RANDOM_FAULTS: Final = ("error", "rate_limit", "hang", "malformed", "drop")
+
+#: the request endpoints: what they are called here, and the field holding their input
+_CHAT: Final = "chat"
+_COMPLETIONS: Final = "completions"
+_EMBEDDINGS: Final = "embeddings"
+_RESPONSES: Final = "responses"
+_MODERATIONS: Final = "moderations"
+#: the endpoints that stream when asked
+_STREAMING: Final = frozenset({_CHAT, _RESPONSES})
 
 
 class _MockState:
@@ -93,6 +124,19 @@ class _MockState:
                 bands.append((total, kind))
         self._bands = tuple(bands)
         self._bucket = RequestBucket(config.rpm_limit) if config.rpm_limit else None
+        self._slots = asyncio.Semaphore(config.slots) if config.slots else None
+        self._auth = None if config.api_key is None else f"Bearer {config.api_key}"
+        # requests served per connection, for keepalive_max
+        self._served: weakref.WeakKeyDictionary[asyncio.BaseTransport, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._keepalive_header: dict[str, str] = {}
+        if config.flavour == "llamacpp" and config.keepalive_s is not None:
+            announced = f"timeout={fmt_seconds(config.keepalive_s)}"
+            if config.keepalive_max is not None:
+                announced += f", max={config.keepalive_max}"
+            self._keepalive_header["Keep-Alive"] = announced
+            self._keepalive_header["Server"] = "llama.cpp"
 
     def reset(self) -> None:
         self.stats.reset()
@@ -105,13 +149,33 @@ class _MockState:
     # -- endpoints -------------------------------------------------------------------
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, _CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, _COMPLETIONS)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, _EMBEDDINGS)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, _RESPONSES)
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        return await self._counted(request, _MODERATIONS)
+
+    async def _counted(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        # (typed as StreamResponse: a streamed answer is written here and returned done)
         stats = self.stats
         stats.requests += 1
         stats.in_flight += 1
         if stats.in_flight > stats.max_in_flight:
             stats.max_in_flight = stats.in_flight
         try:
-            response = await self._chat(request)
+            if self._slots is None:
+                response = await self._answer(request, endpoint)
+            else:
+                async with self._slots:  # a self-hosted server's slots: the rest queue
+                    response = await self._answer(request, endpoint)
         finally:
             stats.in_flight -= 1
         if response is not None:
@@ -127,6 +191,17 @@ class _MockState:
         payload = {"object": "list", "data": [model]}
         return web.Response(body=orjson.dumps(payload), content_type=_JSON)
 
+    async def props(self, _request: web.Request) -> web.Response:
+        """llama-server's ``GET /props``: its slot count and context (llamacpp flavour)."""
+        config = self.config
+        payload = {
+            "default_generation_settings": {"n_ctx": config.context_tokens},
+            "total_slots": config.slots,
+            "model_path": f"models/{config.model}.gguf",
+            "build_info": "b0000-mock",
+        }
+        return web.Response(body=orjson.dumps(payload), content_type=_JSON)
+
     async def stats_view(self, _request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps(self.stats.as_dict()), content_type=_JSON)
 
@@ -134,24 +209,83 @@ class _MockState:
         self.reset()
         return web.Response(body=orjson.dumps(self.stats.as_dict()), content_type=_JSON)
 
-    # -- chat completions ------------------------------------------------------------
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        """llama-server's connection rules on every answer: the Keep-Alive announcement,
+        and the connection closed after ``keepalive_max`` requests or any error."""
+        if self.config.flavour == "llamacpp" and response.status >= 400:
+            _close_after(response)  # llama-server answers every error Connection: close
+            return
+        if self._keepalive_header:
+            response.headers.update(self._keepalive_header)
+        limit = self.config.keepalive_max
+        transport = request.transport
+        if limit is None or transport is None:
+            return
+        served = self._served.get(transport, 0) + 1
+        self._served[transport] = served
+        if served >= limit:
+            _close_after(response)
 
-    async def _chat(self, request: web.Request) -> web.Response | None:
+    def flavoured(
+        self,
+        kind: str,
+        model: str | None = None,
+        *,
+        path: str = "/v1/chat/completions",
+        **facts: Any,
+    ) -> web.Response | None:
+        """The flavour's answer for failure ``kind`` (None: that server would succeed)."""
+        config = self.config
+        context = config.context_tokens or 4096
+        found = failure(
+            config.flavour,
+            kind,
+            Facts(model=model or config.model, path=path, context_tokens=context, **facts),
+        )
+        return None if found is None else failure_response(found)
+
+    # -- the request endpoints -------------------------------------------------------
+
+    async def _answer(self, request: web.Request, endpoint: str) -> web.StreamResponse | None:
         raw = await request.read()
-        parsed = self._parse(raw)
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            refused = self.flavoured("auth", path=request.path)
+            if refused is not None:
+                return refused
+        if endpoint == _EMBEDDINGS and not self.config.embeddings:
+            refused = self.flavoured("unsupported", path=request.path)
+            if refused is not None:
+                return refused
+        parsed = self._parse(raw, endpoint, request.path)
         if isinstance(parsed, web.Response):
             return parsed
         body, messages, model = parsed
         limited = self._enforce(model)
         if limited is not None:
             return limited
+        context = self.config.context_tokens
+        if context is not None:
+            tokens = estimate_tokens(prompt_chars(messages))
+            if tokens > context:
+                max_tokens = body.get("max_tokens")
+                refused = self.flavoured(
+                    "too_large" if endpoint == _EMBEDDINGS else "context",
+                    model,
+                    path=request.path,
+                    prompt_tokens=tokens,
+                    max_tokens=max_tokens if isinstance(max_tokens, int) else 16,
+                )
+                if refused is not None:
+                    return refused
         if _MARKER_BYTES in raw:
             try:
                 directives = parse_directives(messages)
             except DirectiveError as exc:
                 return invalid_request(str(exc))
             if directives is not None:
-                return await self._scripted(request, raw, body, messages, model, directives)
+                return await self._scripted(
+                    request, raw, endpoint, body, messages, model, directives
+                )
         latency = self._default_latency()
         if latency > 0:
             await asyncio.sleep(latency)
@@ -159,10 +293,61 @@ class _MockState:
             roll = self._fault_rng.random()
             for threshold, kind in self._bands:
                 if roll < threshold:
-                    return await self._random_fault(request, kind, body, messages, model)
-        response = success(success_bytes(body, messages, model))
+                    return await self._random_fault(request, kind, endpoint, body, messages, model)
+        if body.get("stream"):
+            return await self._stream(request, endpoint, body, messages, model, None)
+        response = success(self._success_bytes(endpoint, body, messages, model))
         if self._bucket is not None:
             response.headers.update(self._bucket.headers())
+        return response
+
+    async def _stream(
+        self,
+        request: web.Request,
+        endpoint: str,
+        body: Mapping[str, Any],
+        messages: list[dict[str, Any]],
+        model: str,
+        directives: Directives | None,
+    ) -> web.StreamResponse | None:
+        """Server-Sent Events, ``stream_interval_ms`` apart; ``cut=K`` drops the
+        connection after K events. A client that leaves is counted in
+        ``streams_cancelled``."""
+        config, stats = self.config, self.stats
+        chunks = config.stream_chunks
+        interval_s = config.stream_interval_ms / 1000.0
+        cut = None
+        if directives is not None:
+            chunks = directives.chunks if directives.chunks is not None else chunks
+            if directives.interval_ms is not None:
+                interval_s = directives.interval_ms / 1000.0
+            cut = directives.cut
+        if endpoint == _CHAT:
+            events = chat_stream(body, messages, model, expected_content(body), chunks)
+        else:
+            events = responses_stream(body, messages, model, chunks)
+        stats.streams += 1
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "x-request-id": "req_" + os.urandom(12).hex(),
+            }
+        )
+        try:
+            await response.prepare(request)
+            for index, event in enumerate(events):
+                if cut is not None and index >= cut:
+                    stats.drops += 1
+                    _close(request)
+                    return None
+                if index and interval_s > 0:
+                    await asyncio.sleep(interval_s)
+                await response.write(event)
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionResetError):
+            stats.streams_cancelled += 1  # the client left mid-stream
+            raise
         return response
 
     def _enforce(self, model: str) -> web.Response | None:
@@ -182,22 +367,64 @@ class _MockState:
                 return response
         return None
 
-    def _parse(self, raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]], str] | web.Response:
+    def _success_bytes(
+        self, endpoint: str, body: Mapping[str, Any], messages: list[dict[str, Any]], model: str
+    ) -> bytes:
+        if endpoint == _CHAT:
+            return success_bytes(body, messages, model)
+        if endpoint == _RESPONSES:
+            return response_bytes(body, messages, model)
+        texts = [str(message["content"]) for message in messages]
+        if endpoint == _COMPLETIONS:
+            return completion_bytes(texts[0], model)
+        if endpoint == _MODERATIONS:
+            return moderation_bytes(texts, model or "omni-moderation-latest")
+        return embedding_bytes(texts, model)
+
+    def _parse(
+        self, raw: bytes, endpoint: str, path: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], str] | web.Response:
+        """(body, its text as chat messages, model), or the answer to a bad request."""
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return invalid_request("We could not parse the JSON body of your request.")
+            answer = self.flavoured("parse", path=path)
+            return answer or invalid_request("We could not parse the JSON body of your request.")
         if not isinstance(body, dict):
             return invalid_request("The request body must be a JSON object.")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return invalid_request("'messages' is required and must be a non-empty array.")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                return invalid_request(f"Invalid type for 'messages[{index}]': expected an object.")
-        if body.get("stream"):
+        if endpoint == _CHAT:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                return invalid_request("'messages' is required and must be a non-empty array.")
+            for index, message in enumerate(messages):
+                if not isinstance(message, dict):
+                    return invalid_request(
+                        f"Invalid type for 'messages[{index}]': expected an object."
+                    )
+        elif endpoint == _RESPONSES:
+            found = input_messages(body.get("input"))
+            if found is None:
+                return invalid_request(
+                    "'input' is required: a string or an array of input items.", "input"
+                )
+            messages = found
+        else:
+            field = "prompt" if endpoint == _COMPLETIONS else "input"
+            value = body.get(field)
+            texts = [value] if isinstance(value, str) else value
+            if (
+                not isinstance(texts, list)
+                or not texts
+                or not all(isinstance(text, str) for text in texts)
+                or (endpoint == _COMPLETIONS and len(texts) != 1)
+            ):
+                what = "a string" if endpoint == _COMPLETIONS else "a string or an array of strings"
+                return invalid_request(f"'{field}' is required and must be {what}.", field)
+            messages = [{"role": "user", "content": text} for text in texts]
+        if body.get("stream") and endpoint not in _STREAMING:
             return invalid_request(
-                "Streaming (stream=true) is not supported by the mock.", "stream"
+                "Streaming (stream=true) is served for chat completions and responses only.",
+                "stream",
             )
         model = body.get("model")
         if model is None:
@@ -212,10 +439,10 @@ class _MockState:
         return self._latency_s
 
     def _malformed(
-        self, body: Mapping[str, Any], messages: list[dict[str, Any]], model: str
+        self, endpoint: str, body: Mapping[str, Any], messages: list[dict[str, Any]], model: str
     ) -> web.Response:
         self.stats.malformed += 1
-        full = success_bytes(body, messages, model)
+        full = self._success_bytes(endpoint, body, messages, model)
         # Half an object is never valid JSON: the closing brace is always cut off.
         return success(full[: len(full) // 2])
 
@@ -234,6 +461,7 @@ class _MockState:
         self,
         request: web.Request,
         kind: str,
+        endpoint: str,
         body: Mapping[str, Any],
         messages: list[dict[str, Any]],
         model: str,
@@ -247,7 +475,7 @@ class _MockState:
             await self._hang(request)
             return None
         if kind == "malformed":
-            return self._malformed(body, messages, model)
+            return self._malformed(endpoint, body, messages, model)
         self._drop(request)
         return None
 
@@ -255,11 +483,12 @@ class _MockState:
         self,
         request: web.Request,
         raw: bytes,
+        endpoint: str,
         body: dict[str, Any],
         messages: list[dict[str, Any]],
         model: str,
         directives: Directives,
-    ) -> web.Response | None:
+    ) -> web.StreamResponse | None:
         faulty = directives.has_fault
         if faulty and directives.fail is not None:
             # Counted on arrival (before latency) so concurrent retries see distinct attempts.
@@ -275,8 +504,10 @@ class _MockState:
             latency = self._default_latency()
         if latency > 0:
             await asyncio.sleep(latency)
-        if not faulty:
-            return success(success_bytes(body, messages, model))
+        if not faulty or directives.cut is not None:
+            if body.get("stream"):
+                return await self._stream(request, endpoint, body, messages, model, directives)
+            return success(self._success_bytes(endpoint, body, messages, model))
         if directives.drop:
             self._drop(request)
             return None
@@ -284,7 +515,12 @@ class _MockState:
             await self._hang(request)
             return None
         if directives.malformed:
-            return self._malformed(body, messages, model)
+            return self._malformed(endpoint, body, messages, model)
+        if directives.error is not None:
+            answer = self.flavoured(directives.error, model, path=request.path)
+            if answer is None:  # this server would have answered
+                return success(self._success_bytes(endpoint, body, messages, model))
+            return answer
         status = 429 if directives.quota else directives.status
         assert status is not None  # has_fault without drop/hang/malformed/quota
         retry_after, retry_after_ms = directives.retry_after, directives.retry_after_ms
@@ -314,6 +550,14 @@ def _body_key(body: dict[str, Any], raw: bytes) -> bytes:
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
+def _close_after(response: web.StreamResponse) -> None:
+    """Close the connection after ``response``, and say so (this runs in the prepare
+    signal, after aiohttp chose its headers: ``force_close`` alone would not)."""
+    response.force_close()
+    response.headers["Connection"] = "close"
+    response.headers.pop("Keep-Alive", None)
+
+
 def _close(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
@@ -340,6 +584,25 @@ _HTTP_LOGGER: Final = _HttpLogger(logging.getLogger(__name__ + ".http"))
 _STATE_KEY: Final = web.AppKey("promptq_mock_state", _MockState)
 
 
+def _error_middleware(state: _MockState) -> Any:
+    @web.middleware
+    async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+        """aiohttp's plain-text 404/405/413 as the flavour's (or OpenAI's) error bodies."""
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status == 404:
+                answer = state.flavoured("path", path=request.path, method=request.method)
+                if answer is not None:
+                    return answer
+            return error_response(exc.status, exc.reason, type_="invalid_request_error", code=None)
+
+    return errors
+
+
 def create_app(config: MockConfig | None = None) -> web.Application:
     """Build the mock upstream application for ``config`` (defaults: ``MockConfig()``).
 
@@ -348,13 +611,21 @@ def create_app(config: MockConfig | None = None) -> web.Application:
     also ends its handler and ``in_flight`` stays accurate.
     """
     state = _MockState(config if config is not None else MockConfig())
-    app = web.Application(middlewares=[openai_errors], client_max_size=_CLIENT_MAX_SIZE)
+    app = web.Application(middlewares=[_error_middleware(state)], client_max_size=_CLIENT_MAX_SIZE)
     app[_STATE_KEY] = state
     app.router.add_post("/v1/chat/completions", state.chat)
+    app.router.add_post("/v1/completions", state.completions)
+    app.router.add_post("/v1/embeddings", state.embeddings)
+    app.router.add_post("/v1/responses", state.responses)
+    app.router.add_post("/v1/moderations", state.moderations)
     app.router.add_get("/v1/models", state.models)
+    if state.config.flavour == "llamacpp":
+        app.router.add_get("/props", state.props)
     app.router.add_get("/stats", state.stats_view)
     app.router.add_post("/stats/reset", state.stats_reset)
     app.on_shutdown.append(state.on_shutdown)
+    if state.config.keepalive_max is not None or state.config.flavour == "llamacpp":
+        app.on_response_prepare.append(state.on_response_prepare)
     MockBatchApi(state.config, state.stats).routes(app)
     return app
 
@@ -377,6 +648,8 @@ class MockServer:
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self._gate: ConnectionGate | None = None
         self._url: str | None = None
 
     @property
@@ -392,31 +665,47 @@ class MockServer:
 
     async def start(self) -> None:
         """Bind and start serving; sets ``url``."""
+        keepalive: dict[str, Any] = {}
+        if self.config.keepalive_s is not None:
+            keepalive["keepalive_timeout"] = self.config.keepalive_s
         runner = web.AppRunner(
             self.app,
             access_log=None,  # thousands of req/s in benchmarks: no per-request logging
             handler_cancellation=True,
             logger=_HTTP_LOGGER,
             shutdown_timeout=_SHUTDOWN_TIMEOUT_S,
+            **keepalive,
         )
         await runner.setup()
-        # A deep accept queue: benchmarks open hundreds of connections at once, and the
-        # default backlog (128) drops some, which shows up as seconds-late requests.
-        site = web.TCPSite(runner, self._host, self._port, backlog=4096)
+        server = runner.server
+        assert server is not None
+        gate = ConnectionGate(self.config.http_threads, self.stats)
         try:
-            await site.start()
+            # A deep accept queue: benchmarks open hundreds of connections at once, and the
+            # default backlog (128) drops some, which shows up as seconds-late requests.
+            listener = await asyncio.get_running_loop().create_server(
+                lambda: GatedProtocol(gate, server), self._host, self._port, backlog=4096
+            )
         except BaseException:
             await runner.cleanup()
             raise
-        self._runner = runner
+        self._runner, self._listener, self._gate = runner, listener, gate
+        port = listener.sockets[0].getsockname()[1]
         host = f"[{self._host}]" if ":" in self._host else self._host
-        self._url = f"http://{host}:{site.port}/v1"
+        self._url = f"http://{host}:{port}/v1"
 
     async def stop(self) -> None:
         """Stop serving; idempotent."""
         runner, self._runner = self._runner, None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        if self._gate is not None:
+            self._gate.close_waiting()
         if runner is not None:
             await runner.cleanup()
+        if listener is not None:
+            await listener.wait_closed()
 
     async def __aenter__(self) -> MockServer:
         await self.start()

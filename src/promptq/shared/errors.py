@@ -192,6 +192,7 @@ STOP_BATCH_CODES = frozenset(
         "invalid_api_key",
         "billing_hard_limit_reached",
         "upstream_unreachable",  # the circuit breaker gave up (worker.breaker)
+        "not_supported",  # the server cannot run this endpoint (llama.cpp's 501)
     }
 )
 #: statuses that stop a batch whatever their code (the key or the account is refused)

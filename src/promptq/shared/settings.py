@@ -7,7 +7,7 @@ arguments to ``Settings(...)``. Secrets are ``SecretStr`` so their repr hides th
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     )
     batch_api_poll_s: float = Field(
         default=30.0, gt=0, description="route batch-api: how often a provider batch is polled"
+    )
+    upstream_keepalive: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="keep connections to the upstream open between requests: 'auto' "
+        "until it announces a Keep-Alive timeout (a server with a thread per connection, "
+        "such as llama.cpp's llama-server, which an idle connection would block), then "
+        "one connection per request; 'on' always; 'off' never",
     )
     upstream_down_s: float = Field(
         default=60.0,

@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 CHAT_BLOCK_S = 1.0
 #: at start, how long to wait for the wake-up channel before going on without it
 LISTEN_WAIT_S = 5.0
+#: against a llama.cpp server with N slots a worker holds 2N requests: one running and
+#: one waiting per slot, so a slot never idles while the next request travels
+SERVER_SLOTS_DEPTH = 2
 
 
 def new_worker_id() -> str:
@@ -239,11 +242,22 @@ class Engine:
     async def _check_upstream(self, backend: HttpBackend) -> None:
         try:
             problem = await backend.check()
+            slots = None if problem else await backend.server_slots()
         except Exception as exc:  # a check is advice; never let it stop the worker
             logger.debug("upstream check failed: %s", exc)
             return
         if problem:
             logger.warning("%s", problem)
+        if slots is not None and SERVER_SLOTS_DEPTH * slots < self.slots.capacity:
+            # more would only wait inside the server, each on a connection of its own
+            self.slots.cap(SERVER_SLOTS_DEPTH * slots)
+            logger.info(
+                "upstream %s runs %d request(s) at once (llama.cpp --parallel): this "
+                "worker holds at most %d",
+                backend.base_url,
+                slots,
+                self.slots.capacity,
+            )
 
     @property
     def idle(self) -> bool:

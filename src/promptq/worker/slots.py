@@ -54,6 +54,11 @@ class Slots:
         # of claim round trips per request low when the worker is saturated.
         return max(1, int(self.limit) // LOW_WATER_FRACTION)
 
+    def cap(self, capacity: int) -> None:
+        """Hold at most ``capacity`` from now on (the upstream runs no more than that)."""
+        self.capacity = max(1, min(self.capacity, capacity))
+        self.limit = min(self.limit, float(self.capacity))
+
     def take(self, n: int = 1) -> None:
         self.held += n
 

@@ -63,6 +63,7 @@ def load(settings: Settings) -> Backend:
             api_key=settings.api_key,
             concurrency=settings.concurrency,
             timeout_s=settings.timeout_s,
+            keepalive=settings.upstream_keepalive,
         )
     from promptq.worker.backends.python import PythonBackend
 

@@ -4,12 +4,28 @@ One aiohttp session per worker process, its connection pool sized to the concurr
 and one ``asyncio.Semaphore`` that bounds the attempts on the wire across every request
 the process runs (backoff waits do not hold a slot). Answers are classified once, in
 ``worker.retry.classify``.
+
+Keep-alive (PROMPTQ_UPSTREAM_KEEPALIVE). Connections are reused, until the upstream
+announces ``Keep-Alive: timeout=N``: servers that do (llama.cpp's ``llama-server``, which
+is cpp-httplib; Apache) give every open connection a thread of a small pool
+(``--threads-http``) for as long as it stays open, idle or not, so a client holding more
+idle connections than there are threads makes the requests on the others wait out the
+keep-alive timeout (5 s each time; a 40-prompt batch took 20 s instead of 0.2 s). Once
+known (a ``GET /models`` at start, which the first attempts wait for; or any later
+answer), every request asks ``Connection: close``, so the server closes each connection
+after its answer: nothing idle ever holds a server thread. (Connections already idle in
+the pool when a later answer first announces it stay until the server drops them.)
+At start the backend also asks a local upstream ``GET /props`` (llama.cpp's slot
+count, ``total_slots``) so the worker can stop holding more requests than the server
+runs (``server_slots``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
+import re
 import uuid
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,8 +38,13 @@ from promptq.shared.errors import RetryableUpstreamError
 from promptq.worker.backends import NO_HEADERS, Attempt
 from promptq.worker.retry import classify
 
+logger = logging.getLogger(__name__)
+
 #: the startup check's GET /models waits this long
 CHECK_TIMEOUT_S = 3.0
+#: a Keep-Alive header that announces an idle timeout ("timeout=5, max=100")
+_KEEPALIVE_TIMEOUT_RE = re.compile(r"\btimeout\s*=\s*\d", re.IGNORECASE)
+_CLOSE = {"Connection": "close"}
 
 
 class HttpBackend:
@@ -32,15 +53,25 @@ class HttpBackend:
     parallelism: int | None = None
 
     def __init__(
-        self, *, base_url: str, api_key: SecretStr | None, concurrency: int, timeout_s: float
+        self,
+        *,
+        base_url: str,
+        api_key: SecretStr | None,
+        concurrency: int,
+        timeout_s: float,
+        keepalive: str = "auto",
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.keepalive = keepalive
+        #: one connection per request (see the module docstring)
+        self.close_connections = keepalive == "off"
         self.label = self.base_url
         self._api_key = api_key
         self.concurrency = concurrency
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.semaphore = asyncio.Semaphore(concurrency)
         self._session: aiohttp.ClientSession | None = None
+        self._probe: asyncio.Task[None] | None = None
         self._in_flight = 0
 
     def __repr__(self) -> str:  # the key stays out of every repr
@@ -59,8 +90,29 @@ class HttpBackend:
         self._session = aiohttp.ClientSession(
             headers=headers, connector=connector, timeout=self.timeout, raise_for_status=False
         )
+        if self.keepalive == "auto":
+            # first attempts wait for this (a millisecond on a local server): once
+            # connections are open and idle in the pool it is too late to drop them
+            self._probe = asyncio.create_task(self._probe_keepalive())
+
+    async def _probe_keepalive(self) -> None:
+        """Read the upstream's Keep-Alive announcement from one ``GET /models``."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{self.base_url}/models",
+                headers=_CLOSE,  # this probe must not hold a server thread either
+                timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S),
+            ) as resp:
+                self._notice_keepalive(resp.headers.get("Keep-Alive"))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            logger.debug("keep-alive probe: %s", exc)
 
     async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
+            self._probe = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -72,13 +124,23 @@ class HttpBackend:
     async def attempt(self, endpoint: str, body: dict[str, Any]) -> Attempt:
         assert self._session is not None, "start() the backend first"
         payload = orjson.dumps(body)
+        if self._probe is not None and not self._probe.done():
+            await asyncio.wait([self._probe])
         async with self.semaphore:
             self._in_flight += 1
             try:
-                async with self._session.post(self.url_for(endpoint), data=payload) as resp:
+                async with self._session.post(
+                    self.url_for(endpoint),
+                    data=payload,
+                    headers=_CLOSE if self.close_connections else None,
+                ) as resp:
                     raw = await resp.read()
                     status = resp.status
                     headers = resp.headers
+                    if not self.close_connections and self.keepalive == "auto":
+                        self._notice_keepalive(headers.get("Keep-Alive"))
+                    if self.close_connections:
+                        resp.close()  # not back into the pool: it would sit there idle
             except TimeoutError:
                 error = f"no answer within {self.timeout.total:g}s"
                 return Attempt(None, None, None, _retryable(error, "timeout"), NO_HEADERS)
@@ -92,6 +154,43 @@ class HttpBackend:
         request_id = headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
         return Attempt(status, answer, request_id, classified, headers)
 
+    def _notice_keepalive(self, announced: str | None) -> None:
+        if announced is None or not _KEEPALIVE_TIMEOUT_RE.search(announced):
+            return
+        self.close_connections = True
+        logger.info(
+            "upstream %s announces Keep-Alive: %s, as servers with a thread per open "
+            "connection do (llama.cpp's llama-server): one connection per request from now "
+            "on, so that no idle connection holds one of its threads "
+            "(PROMPTQ_UPSTREAM_KEEPALIVE=on keeps them open)",
+            self.base_url,
+            announced,
+        )
+
+    async def server_slots(self) -> int | None:
+        """How many requests a local llama.cpp server runs at once (its ``--parallel``,
+        ``total_slots`` of ``GET /props``); None for anything else or no answer. Public
+        hosts are not asked."""
+        if needs_key(self.base_url):
+            return None
+        assert self._session is not None, "start() the backend first"
+        root = self.base_url.removesuffix("/v1")
+        try:
+            async with self._session.get(
+                f"{root}/props",
+                headers=_CLOSE,
+                timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S),
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                props = orjson.loads(await resp.read())
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            return None
+        slots = props.get("total_slots") if isinstance(props, dict) else None
+        return (
+            slots if isinstance(slots, int) and not isinstance(slots, bool) and slots > 0 else None
+        )
+
     async def check(self) -> str | None:
         """A warning about the upstream as a worker starts (None: nothing to say): no key
         for a public host, a refused key, or no answer at all (GET /models, 3 s)."""
@@ -103,7 +202,9 @@ class HttpBackend:
         assert self._session is not None, "start() the backend first"
         try:
             async with self._session.get(
-                f"{self.base_url}/models", timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S)
+                f"{self.base_url}/models",
+                headers=_CLOSE,
+                timeout=aiohttp.ClientTimeout(total=CHECK_TIMEOUT_S),
             ) as resp:
                 status = resp.status
         except TimeoutError:
