@@ -73,3 +73,22 @@ async def async_echo(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 not_callable = 42
+
+
+def chat_reply(endpoint: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A whole chat.completion (for streaming tests: the API makes its events)."""
+    text = "local: " + _key(body)
+    return {
+        "id": "chatcmpl-local",
+        "object": "chat.completion",
+        "created": 0,
+        "model": str(body.get("model", "local")),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    }

@@ -22,8 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from arq.connections import ArqRedis
+from openai import AsyncOpenAI
 
 from promptq import Producer
 from promptq.api.lane import ChatLane
@@ -252,3 +254,47 @@ def worker_procs(settings: Settings, tmp_path: Path) -> Iterator[WorkerProcs]:
         yield procs
     finally:
         procs.stop()
+
+
+#: the bearer token of the `promptq serve` process that `base_url` starts
+TOKEN = "sdk-test-token"
+
+
+@pytest.fixture
+async def base_url(redis: ArqRedis, settings: Settings, tmp_path: Path) -> AsyncIterator[str]:
+    """A real `promptq serve` process (bearer token TOKEN); yields its /v1 URL."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "promptq", "serve", "--port", str(port)),
+            env=worker_env(settings, PROMPTQ_API_TOKEN=TOKEN),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    root = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def healthy() -> bool:
+                assert proc.returncode is None, f"promptq serve exited:\n{log.read_text()}"
+                try:
+                    async with session.get(f"{root}/healthz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientConnectionError:
+                    return False
+
+            await wait_until(healthy, timeout_s=20, what="promptq serve to answer /healthz")
+        yield f"{root}/v1"
+    finally:
+        proc.terminate()
+        async with asyncio.timeout(15):
+            await proc.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[AsyncOpenAI]:
+    async with AsyncOpenAI(base_url=base_url, api_key=TOKEN, max_retries=0) as sdk:
+        yield sdk

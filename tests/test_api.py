@@ -440,15 +440,21 @@ async def test_results_follow_streams_every_line_until_the_batch_ends(
     assert error["param"] == "follow"
 
 
-async def test_chat_refuses_stream_and_invalid_messages_before_queueing(
+async def test_lane_refuses_bad_stream_and_invalid_bodies_before_queueing(
     api: Client, redis: ArqRedis
 ) -> None:
-    streamed = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    error = await error_of(await api.post(CHAT, json=streamed), 400)
+    streamed = {"model": "m", "stream": True, "input": "x"}
+    error = await error_of(await api.post("/v1/embeddings", json=streamed), 400)
     assert (error["param"], error["code"]) == ("stream", "unsupported_parameter")
+    odd = {"model": "m", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}
+    error = await error_of(await api.post(CHAT, json=odd), 400)
+    assert error["param"] == "stream"
     error = await error_of(await api.post(CHAT, json={"model": "m", "messages": []}), 400)
     assert error["param"] == "messages"
+    error = await error_of(await api.post("/v1/responses", json={"model": "m"}), 400)
+    assert error["param"] == "input"
     assert await redis.zcard(keys.QUEUE) == 0
+    assert await redis.llen(keys.CHAT_QUEUE) == 0
 
 
 async def test_healthz_is_503_when_redis_does_not_answer(

@@ -69,6 +69,13 @@ async def check(resp: aiohttp.ClientResponse, *, allowed: set[int]) -> dict[str,
     text = await resp.text()
     assert resp.status in allowed, (resp.status, text)
     assert "Traceback" not in text
+    if resp.content_type == "text/event-stream":  # "stream": true, answered as events
+        events = [e for e in text.split("\n\n") if e]
+        assert events[-1] == "data: [DONE]", events[-1]
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        return {"object": "chat.completion", "choices": [{"message": {"content": content}}]}
     body = json.loads(text)
     if resp.status >= 400:
         assert set(body["error"]) == {"message", "type", "param", "code"}

@@ -722,6 +722,18 @@ def serve(
     "--keepalive-s", type=float, help="Idle keep-alive connections closed after this [llamacpp: 5]."
 )
 @click.option(
+    "--stream-chunks",
+    default=8,
+    show_default=True,
+    help="A streamed answer's content comes in this many pieces.",
+)
+@click.option(
+    "--stream-interval-ms",
+    default=0.0,
+    show_default=True,
+    help="Milliseconds between streamed events (the latency comes before the first).",
+)
+@click.option(
     "--embeddings/--no-embeddings",
     default=None,
     help="Serve POST /v1/embeddings [default: yes; llamacpp: no, as without --embeddings].",
@@ -735,7 +747,8 @@ def mock_llm(host: str, port: int, **options: Any) -> None:
     twice then succeeds; also status=429 retry_after=1.5, quota=1, hang=1,
     malformed=1, drop=1, latency_ms=L, and error=KIND (context, parse, invalid, auth,
     model, path, busy, loading, unsupported, too_large, server) in the body the
-    --flavour's server gives it.
+    --flavour's server gives it. "stream": true streams chat completions and responses
+    (chunks=N interval_ms=M per request; cut=K drops the connection after K events).
 
     It is also a provider with a Batch API (POST /v1/files, /v1/batches, ...) for
     --route batch-api: batch=fail|expire|hold in a line fails its provider batch,

@@ -7,7 +7,9 @@ replicas can run behind a load balancer. Routes:
     GET /v1/files/{id}/content
     POST /v1/batches                  GET /v1/batches        GET /v1/batches/{id}
     POST /v1/batches/{id}/cancel      GET /v1/batches/{id}/results[?follow=true]
-    POST /v1/chat/completions         GET /healthz (no token)  GET /metrics
+    POST /v1/chat/completions  /v1/responses  /v1/embeddings  /v1/completions
+    POST /v1/moderations (``"stream": true`` on the first two)   GET /v1/models
+    GET /healthz (no token)           GET /metrics
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from promptq.api.state import LANE, METRICS, PRODUCER, SETTINGS, STORE, TASKS
 from promptq.api.store import ApiStore
 from promptq.producer import Producer
 from promptq.shared.connection import connect
+from promptq.shared.models import ENDPOINTS
 from promptq.shared.settings import Settings, redact_url
 
 logger = logging.getLogger(__name__)
@@ -59,7 +62,10 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/batches/{batch_id}", batches.retrieve_batch)
     app.router.add_post("/v1/batches/{batch_id}/cancel", batches.cancel_batch)
     app.router.add_get("/v1/batches/{batch_id}/results", batches.batch_results)
-    app.router.add_post("/v1/chat/completions", chat.chat_completions)
+    app[chat.MODELS_CACHE] = {}
+    for endpoint in ENDPOINTS:  # chat completions, responses, embeddings, ...
+        app.router.add_post(endpoint, chat.lane_endpoint(endpoint))
+    app.router.add_get("/v1/models", chat.list_models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app

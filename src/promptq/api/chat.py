@@ -1,13 +1,30 @@
-"""``POST /v1/chat/completions``: one request through the queue, ahead of batch work.
+"""The lane's endpoints: one request through the queue, ahead of batch work.
 
-The request goes into the chat queue, which workers serve before any batch work (see
-``api.lane``); the handler answers with the upstream's final status and body once a worker is
-done with it, retries included. When no upstream answer came back (timeouts,
-connection errors) it answers 502 (504 for a timeout) in the OpenAI error shape.
+``POST /v1/chat/completions``, ``/v1/responses``, ``/v1/embeddings``, ``/v1/completions``
+and ``/v1/moderations`` go into the chat queue, which workers serve before any batch
+work (see ``api.lane``); the handler answers with the upstream's final status and body
+once a worker is done with it, retries included. When no upstream answer came back
+(timeouts, connection errors) it answers 502 (504 for a timeout) in the OpenAI error
+shape. ``GET /v1/models`` asks a worker for the upstream's list (workers hold the key),
+kept for ``MODELS_TTL_S``.
+
+``"stream": true`` (chat completions and responses) answers Server-Sent Events as the
+upstream produces them, relayed through Redis by whichever worker runs the request
+(``worker.relay``). Retries and rate limits happen before the first event: a request
+that fails before it gets the same JSON error as without ``stream``. A failure midway
+ends the stream with an error event (``data: {"error": ...}``), which the OpenAI SDKs
+raise as ``APIError``; a client that disconnects stops the upstream request. A backend
+that answers whole (a ``python:`` function) is sent as the events the client expects
+(``shared.sse.events_from_answer``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -19,11 +36,22 @@ from promptq.api.errors import (
     queue_full,
     read_json_object,
 )
-from promptq.api.lane import LaneClosed
+from promptq.api.lane import LaneClosed, LaneStream
 from promptq.api.state import LANE, SETTINGS
 from promptq.shared.errors import InputError, QueueFull
+from promptq.shared.models import CHAT_ENDPOINT, MODELS_ENDPOINT, QueuedRequest
+from promptq.shared.sse import STREAMING_ENDPOINTS, error_event, events_from_answer
+
+logger = logging.getLogger(__name__)
 
 UPSTREAM_ERROR = "upstream_error"
+#: GET /v1/models: the upstream's answer is kept this long, and asked for this long
+MODELS_TTL_S = 60.0
+MODELS_TIMEOUT_S = 10.0
+#: the models cache, per application (``create_app`` sets it)
+MODELS_CACHE = web.AppKey("promptq_models", dict[str, Any])
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _invalid(exc: InputError) -> ApiError:
@@ -58,40 +86,190 @@ def _answer(line: dict[str, Any], chat_id: str) -> web.Response:
     )
 
 
-async def chat_completions(request: web.Request) -> web.Response:
-    """POST /v1/chat/completions, answered when a worker is done with it."""
-    body = await read_json_object(request)
-    if body.get("stream"):
-        raise bad_request(
-            "Streaming is not supported yet: send 'stream': false (or leave it out); the "
-            "completion is returned whole once it is done.",
-            param="stream",
-            code="unsupported_parameter",
-        )
-    lane = request.app[LANE]
+def _no_answer(timeout_s: float) -> ApiError:
+    return ApiError(
+        504,
+        f"No answer within {timeout_s:g} s (PROMPTQ_API_CHAT_TIMEOUT_S): are workers "
+        "running (`promptq workers`)?",
+        type=UPSTREAM_ERROR,
+        code="timeout",
+    )
+
+
+def _closing() -> ApiError:
+    return ApiError(
+        503,
+        "The server is shutting down; retry.",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": "1"},
+    )
+
+
+@contextlib.contextmanager
+def _lane_errors(timeout_s: float) -> Iterator[None]:
+    """The lane's refusals as HTTP answers: 429 queue full, 504 no answer, 503 closing."""
     try:
-        queued = lane.validate(body)
-    except InputError as exc:
-        raise _invalid(exc) from exc
-    timeout_s = request.app[SETTINGS].api_chat_timeout_s
-    try:
-        line, chat_id = await lane.send(queued, timeout_s=timeout_s)
+        yield
     except QueueFull as exc:
         raise queue_full(str(exc)) from exc
     except TimeoutError:
-        raise ApiError(
-            504,
-            f"No answer within {timeout_s:g} s (PROMPTQ_API_CHAT_TIMEOUT_S): are workers "
-            "running (`promptq workers`)?",
-            type=UPSTREAM_ERROR,
-            code="timeout",
-        ) from None
+        raise _no_answer(timeout_s) from None
     except LaneClosed as exc:
-        raise ApiError(
-            503,
-            "The server is shutting down; retry.",
-            type="server_error",
-            code="shutting_down",
-            headers={"Retry-After": "1"},
-        ) from exc
-    return _answer(line, chat_id)
+        raise _closing() from exc
+
+
+def lane_endpoint(endpoint: str) -> Handler:
+    """The handler of ``POST endpoint``: validated, queued, answered (or streamed)."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        body = await read_json_object(request)
+        stream = body.get("stream")
+        if stream not in (None, False, True):
+            raise bad_request("'stream' must be a boolean.", param="stream")
+        if stream and endpoint not in STREAMING_ENDPOINTS:
+            raise bad_request(
+                f"{endpoint} does not stream: send 'stream': false (or leave it out).",
+                param="stream",
+                code="unsupported_parameter",
+            )
+        lane = request.app[LANE]
+        try:
+            queued = lane.validate(body, endpoint)
+        except InputError as exc:
+            raise _invalid(exc) from exc
+        timeout_s = request.app[SETTINGS].api_chat_timeout_s
+        if stream:
+            return await _stream(request, queued, endpoint, timeout_s)
+        with _lane_errors(timeout_s):
+            line, chat_id = await lane.send(queued, timeout_s=timeout_s, endpoint=endpoint)
+        return _answer(line, chat_id)
+
+    handle.__doc__ = f"POST {endpoint}, answered when a worker is done with it."
+    return handle
+
+
+chat_completions = lane_endpoint(CHAT_ENDPOINT)
+
+
+async def _stream(
+    request: web.Request, queued: QueuedRequest, endpoint: str, timeout_s: float
+) -> web.StreamResponse:
+    lane = request.app[LANE]
+    with _lane_errors(timeout_s):
+        stream = await lane.open_stream(queued, timeout_s=timeout_s, endpoint=endpoint)
+    async with stream:
+        with _lane_errors(timeout_s):
+            first = await stream.next()
+        if "event" not in first:  # the final answer came before any event
+            if first.get("error") is not None:
+                return _answer(first, stream.id)  # as without stream: retried, then JSON
+            body = (first.get("response") or {}).get("body")
+            events = events_from_answer(endpoint, queued.body, body)
+            return await _write_all(request, stream, events)
+        return await _relay(request, stream, first["event"], timeout_s)
+
+
+def _sse_response(chat_id: str) -> web.StreamResponse:
+    return web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx in front: do not buffer the events
+            "x-promptq-request-id": chat_id,
+        }
+    )
+
+
+async def _write_all(
+    request: web.Request, stream: LaneStream, events: list[str]
+) -> web.StreamResponse:
+    response = _sse_response(stream.id)
+    await response.prepare(request)
+    try:
+        await response.write("".join(f"{event}\n\n" for event in events).encode())
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left; nothing runs upstream any more
+    return response
+
+
+async def _relay(
+    request: web.Request, stream: LaneStream, first: str, timeout_s: float
+) -> web.StreamResponse:
+    response = _sse_response(stream.id)
+    await response.prepare(request)
+    finished = False
+    try:
+        await response.write(f"{first}\n\n".encode())
+        while True:
+            try:
+                item = await stream.next()
+            except TimeoutError:
+                message = f"the stream did not finish within {timeout_s:g} s"
+                await response.write(f"{error_event(message, code='timeout')}\n\n".encode())
+                break
+            except LaneClosed:
+                message = "the server is shutting down"
+                await response.write(f"{error_event(message, code='shutting_down')}\n\n".encode())
+                break
+            event = item.get("event")
+            if isinstance(event, str):
+                # what else has arrived goes in the same write (one syscall, not one each)
+                more = stream.ready()
+                events = [event]
+                for extra in more:
+                    if isinstance(extra.get("event"), str):
+                        events.append(extra["event"])
+                    else:
+                        stream.items.put_nowait(extra)  # the final answer: next round
+                        break
+                await response.write("".join(f"{e}\n\n" for e in events).encode())
+                continue
+            finished = True
+            error = item.get("error")
+            body = (item.get("response") or {}).get("body") or {}
+            if error is not None and not body.get("error_relayed"):
+                message = str(error.get("message") or "the upstream failed")
+                code = str(error.get("code") or UPSTREAM_ERROR)
+                await response.write(f"{error_event(message, code=code)}\n\n".encode())
+            break
+        await response.write_eof()
+    except ConnectionResetError:  # the client left midway: stop the upstream request
+        if not finished:
+            await lane_cancel(request, stream.id)
+    except asyncio.CancelledError:
+        if not finished:
+            await asyncio.shield(lane_cancel(request, stream.id))
+        raise
+    return response
+
+
+async def lane_cancel(request: web.Request, chat_id: str) -> None:
+    await request.app[LANE].cancel(chat_id)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: the upstream's models, asked of a worker and kept briefly."""
+    cache = request.app[MODELS_CACHE]
+    now = time.monotonic()
+    if cache.get("until", 0.0) > now:
+        return json_response(cache["body"])
+    lane = request.app[LANE]
+    settings = request.app[SETTINGS]
+    try:
+        line, _chat_id = await lane.send(
+            QueuedRequest(custom_id="models", body={}, line=1),
+            timeout_s=MODELS_TIMEOUT_S,
+            endpoint=MODELS_ENDPOINT,
+        )
+    except (TimeoutError, QueueFull, LaneClosed) as exc:
+        logger.warning("GET /v1/models: no worker answered (%s)", type(exc).__name__)
+        line = {}
+    body = (line.get("response") or {}).get("body")
+    if line.get("error") is None and isinstance(body, dict) and isinstance(body.get("data"), list):
+        cache.update(body=body, until=now + MODELS_TTL_S)
+        return json_response(body)
+    # no worker, or a backend without a model list: the model promptq sends by default
+    model = {"id": settings.model, "object": "model", "created": 0, "owned_by": "promptq"}
+    return json_response({"object": "list", "data": [model]})

@@ -15,6 +15,11 @@ bulk work, most of the cost of one interactive request. So ``POST
    the replica's delivery list as it hands each line to its waiting handler, and
    deletes that list when idle: an answer is never lost to a dropped connection.
 
+Every endpoint of the HTTP API's lane goes this way (chat completions, responses,
+embeddings, completions, moderations, ``GET /v1/models``). A streamed request
+(``open_stream``) gets its events through the same reply list, ahead of its final
+answer (``worker.relay``); a client that leaves is told to the worker (``cancel``).
+
 Nothing lives only in this process: if it dies, queued entries still run and their
 answers expire with the reply list. An entry carries its handler's deadline, so
 workers do not send requests whose handler already answered 504. See
@@ -44,6 +49,8 @@ MAX_GROUP = 1000
 LISTEN_BLOCK_S = 1.0
 #: the delivery list is deleted after this many takes were handed out (or when idle)
 DELIVERED_EVERY = 256
+#: while streams run, at most this many more answer elements are taken per round trip
+MORE_MAX = 256
 
 
 class LaneClosed(Exception):
@@ -62,6 +69,8 @@ class ChatLane:
         self.replica_id = new_chat_id()
         self._queued: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]] = []
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        #: streamed requests: their events and final answer, in order
+        self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -69,34 +78,30 @@ class ChatLane:
         #: workers on other machines share (measured on the first request)
         self._clock_offset_s: float | None = None
 
-    def validate(self, body: dict[str, Any]) -> QueuedRequest:
-        """The request as it will be queued; raises ``InputError`` if the body is invalid."""
-        item = {"custom_id": "chat", "method": "POST", "url": CHAT_ENDPOINT, "body": body}
+    def validate(self, body: dict[str, Any], endpoint: str = CHAT_ENDPOINT) -> QueuedRequest:
+        """The request as it will be queued; raises ``InputError`` if the body is invalid.
+        (``stream`` is the lane's business, not the batch form's: it is kept.)"""
+        stream = body.get("stream") is True
+        checked = {k: v for k, v in body.items() if k != "stream"} if stream else body
+        item = {"custom_id": "chat", "method": "POST", "url": endpoint, "body": checked}
         parsed = parse_items([item], default_model=self._producer.settings.model)
-        return parsed.requests[0]
+        request = parsed.requests[0]
+        if stream:
+            request = QueuedRequest(
+                custom_id=request.custom_id, body={**request.body, "stream": True}, line=1
+            )
+        return request
 
-    async def send(self, request: QueuedRequest, *, timeout_s: float) -> tuple[dict[str, Any], str]:
+    async def send(
+        self, request: QueuedRequest, *, timeout_s: float, endpoint: str = CHAT_ENDPOINT
+    ) -> tuple[dict[str, Any], str]:
         """Queue ``request`` and wait for its result line; returns (line, request id).
 
         Raises ``TimeoutError`` after ``timeout_s`` (workers then drop the request if
         they have not started it), ``QueueFull`` (PROMPTQ_MAX_QUEUED), ``LaneClosed``,
         or the Redis error that kept it from being queued.
         """
-        if self._closed:
-            raise LaneClosed("the server is shutting down")
-        if self._clock_offset_s is None:
-            self._clock_offset_s = await redis_clock_offset(self._producer.redis)
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._submit_loop(), name="chat lane submitter"),
-                asyncio.create_task(self._listen_loop(), name="chat lane listener"),
-            ]
-        entry = ChatEntry(
-            id=new_chat_id(),
-            body=request.body,
-            replica=self.replica_id,
-            deadline=round(time.time() + self._clock_offset_s + timeout_s, 3),
-        )
+        entry = await self._entry(request, timeout_s=timeout_s, endpoint=endpoint)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[entry.id] = future
         self._queued.append((entry, future))
@@ -107,6 +112,44 @@ class ChatLane:
         finally:
             self._waiting.pop(entry.id, None)
 
+    async def open_stream(
+        self, request: QueuedRequest, *, timeout_s: float, endpoint: str
+    ) -> LaneStream:
+        """Queue a streamed request; read its events and final answer from the result."""
+        entry = await self._entry(request, timeout_s=timeout_s, endpoint=endpoint)
+        stream = LaneStream(self, entry.id, deadline=time.monotonic() + timeout_s)
+        self._streams[entry.id] = stream.items
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        stream.pushed = future
+        self._queued.append((entry, future))
+        self._arrived.set()
+        return stream
+
+    async def cancel(self, chat_id: str) -> None:
+        """The client of a streamed request left: its worker stops the upstream request."""
+        try:
+            await self._queue.cancel(chat_id)
+        except Exception as exc:  # Redis gone: the stream runs to its end, unread
+            logger.warning("could not cancel stream %s: %s", chat_id, exc)
+
+    async def _entry(self, request: QueuedRequest, *, timeout_s: float, endpoint: str) -> ChatEntry:
+        if self._closed:
+            raise LaneClosed("the server is shutting down")
+        if self._clock_offset_s is None:
+            self._clock_offset_s = await redis_clock_offset(self._producer.redis)
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._submit_loop(), name="chat lane submitter"),
+                asyncio.create_task(self._listen_loop(), name="chat lane listener"),
+            ]
+        return ChatEntry(
+            id=new_chat_id(),
+            body=request.body,
+            replica=self.replica_id,
+            deadline=round(time.time() + self._clock_offset_s + timeout_s, 3),
+            endpoint=endpoint,
+        )
+
     async def close(self) -> None:
         self._closed = True
         for task in self._tasks:
@@ -115,6 +158,8 @@ class ChatLane:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LaneClosed("the server is shutting down"))
+        for items in self._streams.values():
+            items.put_nowait({"closed": True})
         try:
             await self._queue.forget_replica(self.replica_id)
         except Exception as exc:  # Redis gone: the counter expires on its own
@@ -156,6 +201,8 @@ class ChatLane:
                         await self._queue.delivered(self.replica_id)
                         moved = 0
                     continue
+                if self._streams:  # streams are busy: take all that waits in one go
+                    lines += await self._queue.more_answers(self.replica_id, limit=MORE_MAX)
                 self._hand_out(lines)
                 moved += 1
                 if moved >= DELIVERED_EVERY:
@@ -176,6 +223,9 @@ class ChatLane:
                 self._health.ok()
                 delay = 0.1
 
+    def forget_stream(self, chat_id: str) -> None:
+        self._streams.pop(chat_id, None)
+
     def _hand_out(self, lines: list[bytes]) -> None:
         for raw in lines:
             try:
@@ -186,6 +236,70 @@ class ChatLane:
                 continue
             if future is not None and not future.done():
                 future.set_result(line)
+                continue
+            items = self._streams.get(line.get("custom_id", ""))
+            if items is not None:
+                items.put_nowait(line)
             # else: its handler timed out, the line was handed out before a dropped
             # connection, or the request ran twice (a worker presumed dead still
             # worked): the first answer won
+
+
+class LaneStream:
+    """One streamed request's items: ``{"event": text}`` while it streams, then its
+    result line (``{"closed": True}`` if the server shuts down). Use ``async with``: on
+    exit the lane forgets it."""
+
+    def __init__(self, lane: ChatLane, chat_id: str, *, deadline: float) -> None:
+        self.lane = lane
+        self.id = chat_id
+        self.deadline = deadline
+        self.items: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        #: set when the push failed (queue full, Redis trouble): raised by ``next``
+        self.pushed: asyncio.Future[dict[str, Any]] | None = None
+
+    async def __aenter__(self) -> LaneStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lane.forget_stream(self.id)
+
+    async def next(self) -> dict[str, Any]:
+        """The next item; ``TimeoutError`` past the deadline, the push's error if it
+        failed, ``LaneClosed`` when the server shuts down."""
+        if not self.items.empty():
+            return self._checked(self.items.get_nowait())
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        getter = asyncio.ensure_future(self.items.get())
+        waiting: set[asyncio.Future[Any]] = {getter}
+        if self.pushed is not None and not self.pushed.done():
+            waiting.add(self.pushed)
+        try:
+            done, _ = await asyncio.wait(
+                waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter in done:
+            return self._checked(getter.result())
+        if self.pushed is not None and self.pushed in done:
+            self.pushed.result()  # raises the push's error
+            self.pushed = None  # (a result would be odd: the stream's answers come here)
+            return await self.next()
+        raise TimeoutError
+
+    def ready(self) -> list[dict[str, Any]]:
+        """The items already here (none waited for)."""
+        items = []
+        while not self.items.empty():
+            items.append(self._checked(self.items.get_nowait()))
+        return items
+
+    @staticmethod
+    def _checked(item: dict[str, Any]) -> dict[str, Any]:
+        if item.get("closed"):
+            raise LaneClosed("the server is shutting down")
+        return item

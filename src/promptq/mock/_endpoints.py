@@ -112,7 +112,7 @@ def _response_usage(messages: list[dict[str, Any]], text: str) -> dict[str, Any]
     output_tokens = estimate_tokens(len(text))
     return {
         "input_tokens": input_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": input_tokens + output_tokens,

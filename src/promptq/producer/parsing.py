@@ -524,7 +524,9 @@ def _batch_form(
             _check_messages(number, body.get("messages"), errors)
         elif url == "/v1/completions" and not body.get("prompt"):
             errors.add(number, "body.prompt", "missing or empty")
-        elif url == "/v1/embeddings" and not body.get("input"):
+        elif url in ("/v1/embeddings", "/v1/responses", "/v1/moderations") and not body.get(
+            "input"
+        ):
             errors.add(number, "body.input", "missing or empty")
         if body.get("stream"):
             errors.add(number, "body.stream", "streaming is not supported in batches")

@@ -40,6 +40,7 @@ from arq.connections import ArqRedis
 
 from promptq.shared import keys, scripts
 from promptq.shared.keys import CHAT_ID_LEN, CHAT_ID_RE
+from promptq.shared.models import CHAT_ENDPOINT, LANE_ENDPOINTS
 
 #: a replica's push counter lives this long after its last push (redis-py's retries of
 #: a push come within seconds; a replica that died leaves it to expire)
@@ -47,6 +48,8 @@ PUSH_COUNTER_TTL_S = 600
 #: a chat reply list lives this long after its last answer (its replica reads it at once;
 #: a replica that died leaves it to expire)
 REPLY_TTL_S = 600
+#: a streamed request's cancel mark lives this long (its worker deletes it on sight)
+CANCEL_TTL_S = 30
 
 
 class BadChatEntry(ValueError):
@@ -63,10 +66,21 @@ class ChatEntry:
     body: dict[str, Any]
     replica: str
     deadline: float
+    endpoint: str = CHAT_ENDPOINT
 
     def encode(self) -> bytes:
-        payload = {"body": self.body, "replica": self.replica, "deadline": self.deadline}
+        payload: dict[str, Any] = {
+            "body": self.body,
+            "replica": self.replica,
+            "deadline": self.deadline,
+        }
+        if self.endpoint != CHAT_ENDPOINT:
+            payload["endpoint"] = self.endpoint
         return self.id.encode() + orjson.dumps(payload)
+
+    @property
+    def streamed(self) -> bool:
+        return self.body.get("stream") is True
 
     @classmethod
     def decode(cls, raw: bytes) -> ChatEntry:
@@ -74,7 +88,8 @@ class ChatEntry:
         try:
             payload = orjson.loads(raw[CHAT_ID_LEN:])
             body, replica, deadline = payload["body"], payload["replica"], payload["deadline"]
-        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            endpoint = payload.get("endpoint", CHAT_ENDPOINT)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise BadChatEntry(f"unreadable chat queue entry {chat_id!r}: {exc}") from exc
         if not (
             CHAT_ID_RE.match(chat_id)
@@ -82,9 +97,12 @@ class ChatEntry:
             and isinstance(replica, str)
             and CHAT_ID_RE.match(replica)
             and isinstance(deadline, int | float)
+            and endpoint in LANE_ENDPOINTS
         ):
             raise BadChatEntry(f"malformed chat queue entry {chat_id!r}")
-        return cls(id=chat_id, body=body, replica=replica, deadline=float(deadline))
+        return cls(
+            id=chat_id, body=body, replica=replica, deadline=float(deadline), endpoint=endpoint
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +124,8 @@ class ChatQueue:
         self._take = scripts.register(redis, "chat_take")
         self._reply = scripts.register(redis, "chat_reply")
         self._requeue = scripts.register(redis, "chat_requeue")
+        self._relay = scripts.register(redis, "chat_relay")
+        self._take_answers = scripts.register(redis, "chat_take_answers")
 
     async def length(self) -> int:
         return int(await self.redis.llen(keys.CHAT_QUEUE))  # type: ignore[misc]
@@ -135,6 +155,14 @@ class ChatQueue:
         )
         return [] if element is None else element.split(b"\n")
 
+    async def more_answers(self, replica: str, *, limit: int) -> list[bytes]:
+        """After ``wait_for_answers``: every answer element already waiting (up to
+        ``limit``), moved to the delivery list in one round trip, as lines."""
+        elements: list[bytes] = await self._take_answers(
+            keys=[keys.chat_replies(replica), keys.chat_delivering(replica)], args=[limit]
+        )
+        return [line for element in elements for line in element.split(b"\n")]
+
     async def undelivered(self, replica: str) -> list[bytes]:
         """Every answer in the delivery list (after a dropped connection: some may not
         have reached their handlers)."""
@@ -144,6 +172,10 @@ class ChatQueue:
     async def delivered(self, replica: str) -> None:
         """Forget the delivery list: every answer in it has been handed out."""
         await self.redis.delete(keys.chat_delivering(replica))
+
+    async def cancel(self, chat_id: str) -> None:
+        """The client of a streamed request has gone: tell its worker (``relay``)."""
+        await self.redis.set(keys.chat_cancel(chat_id), b"1", ex=CANCEL_TTL_S)
 
     async def forget_replica(self, replica: str) -> None:
         """A replica shutting down: drop its push counter and delivery list."""
@@ -195,6 +227,18 @@ class ChatQueue:
             ],
         )
         return sum(len(lines) for lines in by_replica.values())
+
+    async def relay(
+        self, replica: str, chat_ids: Sequence[str], lines: Sequence[bytes]
+    ) -> list[str]:
+        """Push streamed answers' events (JSON lines) to the replica's reply list in one
+        element, and return which of ``chat_ids`` (the streams with events in ``lines``,
+        or the ones to ask about when ``lines`` is empty) have lost their client."""
+        gone: list[int] = await self._relay(
+            keys=[keys.chat_replies(replica), *(keys.chat_cancel(c) for c in chat_ids)],
+            args=[REPLY_TTL_S, b"\n".join(lines)],
+        )
+        return [chat_ids[int(i) - 1] for i in gone]
 
     async def requeue(self, worker_id: str, entries: Sequence[bytes] | None = None) -> int:
         """Hand entries of the worker's list back to the front of the queue (``None``:

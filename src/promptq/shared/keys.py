@@ -165,6 +165,12 @@ def chat_replies(replica_id: str) -> str:
     return f"{PREFIX}:{{chat}}:replies:{replica_id}"
 
 
+def chat_cancel(chat_id: str) -> str:
+    """String with a TTL: the client of a streamed chat-lane request has gone; the worker
+    streaming it stops the upstream request and deletes this."""
+    return f"{PREFIX}:{{chat}}:cancel:{chat_id}"
+
+
 def chat_delivering(replica_id: str) -> str:
     """List: answers an API replica took from its reply list (read again after a dropped
     connection; deleted now and then once handed out)."""

@@ -34,9 +34,19 @@ class Priority(StrEnum):
     BULK = "bulk"
 
 
-#: Endpoints a batch may target (OpenAI Batch API ``url``).
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: Endpoints a batch may target (OpenAI Batch API ``url``), and the HTTP API's lane.
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/moderations",
+)
 CHAT_ENDPOINT = "/v1/chat/completions"
+#: ``GET /v1/models``: through the lane only (workers hold the upstream key)
+MODELS_ENDPOINT = "/v1/models"
+#: what a chat-lane entry may ask a worker for
+LANE_ENDPOINTS = (*ENDPOINTS, MODELS_ENDPOINT)
 
 
 @dataclass(frozen=True, slots=True)

@@ -146,7 +146,12 @@ class Dispatcher:
 
     async def _run(self, job: Job) -> None:
         try:
-            if job.cache_ttl_s and self.cache is not None:
+            if job.relay is not None:
+                try:
+                    outcome = await self.executor.execute(job.endpoint, job.body, relay=job.relay)
+                finally:
+                    await job.relay.drain()  # every event before the final answer
+            elif job.cache_ttl_s and self.cache is not None:
                 outcome = await self.cache.run(
                     job.endpoint,
                     job.body,

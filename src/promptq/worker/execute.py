@@ -22,7 +22,7 @@ from typing import Any
 from promptq.shared.errors import UpstreamError
 from promptq.shared.ratelimit import RateLimiter, estimate_tokens
 from promptq.shared.results import Outcome
-from promptq.worker.backends import Backend
+from promptq.worker.backends import Backend, Relay
 from promptq.worker.breaker import CircuitBreaker
 from promptq.worker.retry import RetryPolicy
 
@@ -73,8 +73,12 @@ class Executor:
     def in_flight(self) -> int:
         return self.backend.in_flight
 
-    async def execute(self, endpoint: str, body: dict[str, Any]) -> Outcome:
-        """Run one request, retrying retryable failures per the policy."""
+    async def execute(
+        self, endpoint: str, body: dict[str, Any], *, relay: Relay | None = None
+    ) -> Outcome:
+        """Run one request, retrying retryable failures per the policy. With ``relay``
+        (a streamed request) events go there as they come, and no attempt is retried
+        once one has been relayed."""
         limiter, breaker = self.limiter, self.breaker
         model = body.get("model") if isinstance(body.get("model"), str) else None
         tokens = estimate_tokens(body) if limiter is not None and limiter.tpm else 0
@@ -97,7 +101,7 @@ class Executor:
                 await self._wait_for_limits(limiter, model, tokens)
             if start is None:
                 start = self._clock()
-            answer = await self.backend.attempt(endpoint, body)
+            answer = await self.backend.attempt(endpoint, body, relay=relay)
             error = answer.error
             if self.on_attempt is not None:
                 self.on_attempt(error)
@@ -105,7 +109,12 @@ class Executor:
                 await breaker.after_attempt(error)
             if limiter is not None:
                 await self._report(limiter, model, tokens, answer.body, error, answer.headers)
-            if error is None or not error.retryable or attempt >= self.policy.max_attempts:
+            if (
+                error is None
+                or not error.retryable
+                or attempt >= self.policy.max_attempts
+                or (relay is not None and relay.started)
+            ):
                 return Outcome(
                     status_code=answer.status_code,
                     body=answer.body,

@@ -12,7 +12,9 @@ Adding a backend is one module with a class that follows ``Backend``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
 from typing import Any, NamedTuple, Protocol
 
 from promptq.shared.errors import UpstreamError
@@ -33,6 +35,17 @@ class Attempt(NamedTuple):
 NO_HEADERS: Mapping[str, str] = {}
 
 
+class Relay(Protocol):
+    """Where a streamed request's events go (``worker.relay.StreamRelay``)."""
+
+    started: bool
+    cancelled: bool
+
+    def send(self, event: str) -> bool: ...
+
+    def watching(self, task: asyncio.Task[Any]) -> AbstractAsyncContextManager[None]: ...
+
+
 class Backend(Protocol):
     """What the executor needs of a backend."""
 
@@ -45,7 +58,12 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    async def attempt(self, endpoint: str, body: dict[str, Any]) -> Attempt: ...
+    async def attempt(
+        self, endpoint: str, body: dict[str, Any], *, relay: Relay | None = None
+    ) -> Attempt:
+        """One attempt; with ``relay``, a backend that can stream sends the events there
+        (one that cannot answers whole, and the API makes the events)."""
+        ...
 
     @property
     def in_flight(self) -> int: ...

@@ -34,8 +34,10 @@ import aiohttp
 import orjson
 from pydantic import SecretStr
 
-from promptq.shared.errors import RetryableUpstreamError
-from promptq.worker.backends import NO_HEADERS, Attempt
+from promptq.shared.errors import FatalUpstreamError, RetryableUpstreamError
+from promptq.shared.models import MODELS_ENDPOINT
+from promptq.shared.sse import DONE, event_data
+from promptq.worker.backends import NO_HEADERS, Attempt, Relay
 from promptq.worker.retry import classify
 
 logger = logging.getLogger(__name__)
@@ -121,11 +123,17 @@ class HttpBackend:
         """``/v1/chat/completions`` -> ``{base_url}/chat/completions`` (base ends in /v1)."""
         return f"{self.base_url}{endpoint.removeprefix('/v1')}"
 
-    async def attempt(self, endpoint: str, body: dict[str, Any]) -> Attempt:
+    async def attempt(
+        self, endpoint: str, body: dict[str, Any], *, relay: Relay | None = None
+    ) -> Attempt:
         assert self._session is not None, "start() the backend first"
         payload = orjson.dumps(body)
         if self._probe is not None and not self._probe.done():
             await asyncio.wait([self._probe])
+        if relay is not None and body.get("stream") is True:
+            return await self._stream(endpoint, payload, relay)
+        if endpoint == MODELS_ENDPOINT:
+            return await self._get(endpoint)
         async with self.semaphore:
             self._in_flight += 1
             try:
@@ -141,18 +149,115 @@ class HttpBackend:
                         self._notice_keepalive(headers.get("Keep-Alive"))
                     if self.close_connections:
                         resp.close()  # not back into the pool: it would sit there idle
-            except TimeoutError:
-                error = f"no answer within {self.timeout.total:g}s"
-                return Attempt(None, None, None, _retryable(error, "timeout"), NO_HEADERS)
-            except (aiohttp.ClientError, OSError) as exc:
-                # str(exc) names host and reason, never our headers (the key stays secret)
-                error = f"connection failed: {type(exc).__name__}: {exc}"
-                return Attempt(None, None, None, _retryable(error, "connection_error"), NO_HEADERS)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                return self._unanswered(exc)
             finally:
                 self._in_flight -= 1
         answer, classified = classify(status, headers, raw)
         request_id = headers.get("x-request-id") or f"req_{uuid.uuid4().hex}"
         return Attempt(status, answer, request_id, classified, headers)
+
+    def _unanswered(self, exc: BaseException) -> Attempt:
+        """An attempt that got no answer: a timeout or a connection failure (retryable)."""
+        if isinstance(exc, TimeoutError):
+            error = _retryable(f"no answer within {self.timeout.total:g}s", "timeout")
+        else:  # str(exc) names host and reason, never our headers (the key stays secret)
+            error = _retryable(
+                f"connection failed: {type(exc).__name__}: {exc}", "connection_error"
+            )
+        return Attempt(None, None, None, error, NO_HEADERS)
+
+    async def _get(self, endpoint: str) -> Attempt:
+        assert self._session is not None
+        try:
+            async with self._session.get(self.url_for(endpoint)) as resp:
+                raw, status, headers = await resp.read(), resp.status, resp.headers
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return self._unanswered(exc)
+        answer, classified = classify(status, headers, raw)
+        return Attempt(status, answer, headers.get("x-request-id"), classified, headers)
+
+    async def _stream(self, endpoint: str, payload: bytes, relay: Relay) -> Attempt:
+        """A streamed attempt: its events go to ``relay`` as they come; a client that
+        leaves stops the upstream request (``relay.watching`` cancels the reader)."""
+        async with self.semaphore:
+            self._in_flight += 1
+            reader = asyncio.create_task(self._read_stream(endpoint, payload, relay))
+            try:
+                async with relay.watching(reader):
+                    await asyncio.wait([reader])
+            finally:
+                self._in_flight -= 1
+                if not reader.done():  # we were cancelled (shutdown): so is the request
+                    reader.cancel()
+                    await asyncio.gather(reader, return_exceptions=True)
+        if reader.cancelled() or relay.cancelled:
+            gone = FatalUpstreamError(
+                "the client disconnected; the upstream request was stopped",
+                code="client_disconnected",
+            )
+            return Attempt(None, None, None, gone, NO_HEADERS)
+        return reader.result()
+
+    async def _read_stream(self, endpoint: str, payload: bytes, relay: Relay) -> Attempt:
+        assert self._session is not None
+        # a stream may run longer than one attempt's timeout: it bounds each read instead
+        per_read = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.timeout.total, sock_read=self.timeout.total
+        )
+        status: int | None = None
+        headers: Any = NO_HEADERS
+        done = endpoint != "/v1/chat/completions"  # only chat ends in [DONE]
+        try:
+            async with self._session.post(
+                self.url_for(endpoint),
+                data=payload,
+                headers=_CLOSE if self.close_connections else None,
+                timeout=per_read,
+            ) as resp:
+                status, headers = resp.status, resp.headers
+                if status != 200 or not resp.content_type.startswith("text/event-stream"):
+                    # an error before the first event, or a server that answers whole:
+                    # retried (or made into events by the API) as any answer
+                    answer, classified = classify(status, headers, await resp.read())
+                    return Attempt(status, answer, headers.get("x-request-id"), classified, headers)
+                lines: list[str] = []
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if line:
+                        lines.append(line)
+                        continue
+                    if not lines:
+                        continue
+                    event = "\n".join(lines)
+                    lines = []
+                    if event_data(event) == DONE:
+                        done = True
+                    if not relay.send(event):
+                        break  # the client has gone
+                if lines and relay.send("\n".join(lines)) and event_data(lines[-1]) == DONE:
+                    done = True
+        except TimeoutError:
+            error = f"the stream stalled: nothing within {self.timeout.total:g}s"
+            return Attempt(status, None, None, _retryable(error, "timeout"), headers)
+        except (aiohttp.ClientError, OSError) as exc:
+            error = f"the stream broke: {type(exc).__name__}: {exc}"
+            return Attempt(status, None, None, _retryable(error, "connection_error"), headers)
+        summary = getattr(relay, "summary", None)
+        body = summary.body() if summary is not None else {"streamed": True}
+        request_id = headers.get("x-request-id") if headers else None
+        upstream_error = summary.error if summary is not None else None
+        if upstream_error is not None:
+            body["error_relayed"] = True
+            message = str(upstream_error.get("message") or "the upstream reported an error")
+            code = str(upstream_error.get("code") or upstream_error.get("type") or "stream_error")
+            return Attempt(
+                status, body, request_id, FatalUpstreamError(message, code=code), headers
+            )
+        if not done and not relay.cancelled:
+            incomplete = _retryable("the stream ended before [DONE]", "stream_incomplete")
+            return Attempt(status, body, request_id, incomplete, headers)
+        return Attempt(status, body, request_id, None, headers)
 
     def _notice_keepalive(self, announced: str | None) -> None:
         if announced is None or not _KEEPALIVE_TIMEOUT_RE.search(announced):

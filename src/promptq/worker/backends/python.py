@@ -42,7 +42,7 @@ from promptq.shared.errors import (
     RetryableUpstreamError,
     UpstreamError,
 )
-from promptq.worker.backends import NO_HEADERS, Attempt
+from promptq.worker.backends import NO_HEADERS, Attempt, Relay
 
 PREFIX = "python:"
 _ERROR_TYPE = "backend_error"
@@ -180,7 +180,9 @@ class PythonBackend:
             # does not hold up the worker's shutdown
             pool.shutdown(wait=False, cancel_futures=True)
 
-    async def attempt(self, endpoint: str, body: dict[str, Any]) -> Attempt:
+    async def attempt(
+        self, endpoint: str, body: dict[str, Any], *, relay: Relay | None = None
+    ) -> Attempt:
         self._in_flight += 1
         try:
             async with asyncio.timeout(self.timeout_s):

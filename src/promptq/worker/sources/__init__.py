@@ -23,6 +23,7 @@ from promptq.shared.results import Outcome
 
 if TYPE_CHECKING:
     from promptq.worker.dispatcher import Dispatcher
+    from promptq.worker.relay import StreamRelay
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +37,7 @@ class Job:
     body: dict[str, Any]
     extra: Any = field(default=None)  # the source's own data (the chat queue entry)
     cache_ttl_s: int | None = None  # answer identical requests from the cache
+    relay: StreamRelay | None = None  # a streamed request: where its events go
 
 
 class Source(Protocol):

@@ -28,10 +28,12 @@ from redis.exceptions import ResponseError
 from promptq.shared import serialization
 from promptq.shared.chatqueue import Answer, BadChatEntry, ChatEntry, ChatQueue
 from promptq.shared.connection import RedisHealth, is_redis_outage
-from promptq.shared.models import CHAT_ENDPOINT
+from promptq.shared.errors import UpstreamError
 from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.results import Outcome, internal_error, result_line
+from promptq.shared.sse import STREAMING_ENDPOINTS
 from promptq.worker.dispatcher import Dispatcher
+from promptq.worker.relay import RelayHub
 from promptq.worker.sources import Job
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class ChatSource:
         #: queue entries running here or whose answer is not yet written
         self.held: set[bytes] = set()
         self._answers: list[Answer] = []
+        #: writes the events of this worker's streamed requests
+        self.streams = RelayHub(queue)
         # held by each take; a recheck takes it too, so that no take is on the wire
         # while it compares what is owned with what is held
         self._lock = asyncio.Lock()
@@ -122,9 +126,12 @@ class ChatSource:
             dispatcher.schedule_flush()
             return
         self.held.add(raw)
+        relay = None
+        if entry.streamed and entry.endpoint in STREAMING_ENDPOINTS:
+            relay = self.streams.open(entry.id, entry.replica)
         dispatcher.start(
-            Job(self, entry.id, "", CHAT_ENDPOINT, entry.body, extra=(raw, entry),
-                cache_ttl_s=self.cache_ttl_s)
+            Job(self, entry.id, "", entry.endpoint, entry.body, extra=(raw, entry),
+                cache_ttl_s=None if relay else self.cache_ttl_s, relay=relay)
         )  # fmt: skip
 
     def _forget(self, raw: bytes) -> None:
@@ -174,10 +181,18 @@ class ChatSource:
     # -- recovery ------------------------------------------------------------------------
 
     async def hand_back(self, jobs: Collection[Job]) -> int:
-        entries = [job.extra[0] for job in jobs]
-        n = await self.queue.requeue(self.worker_id, entries)
-        self.held.difference_update(entries)
-        return n
+        # a stream that has begun cannot start over elsewhere (its client has half of
+        # it): it ends with an error event; the rest go back to the queue
+        begun = [job for job in jobs if job.relay is not None and job.relay.started]
+        if begun:
+            await self.queue.reply(
+                self.worker_id,
+                [_stream_lost(job.extra[0], job.extra[1], "stopped") for job in begun],
+            )
+        entries = [job.extra[0] for job in jobs if job not in begun]
+        n = await self.queue.requeue(self.worker_id, entries) if entries else 0
+        self.held.difference_update(job.extra[0] for job in jobs)
+        return n + len(begun)
 
     async def recheck(self, running: Collection[Job]) -> bool:
         async with self._lock:  # no take on the wire now
@@ -191,6 +206,20 @@ class ChatSource:
         return True
 
     async def reap(self, dead_worker_id: str) -> int:
+        # its streams may have begun: each ends with an error event rather than run twice
+        lost = []
+        for raw in await self.queue.owned(dead_worker_id):
+            try:
+                entry = ChatEntry.decode(raw)
+            except BadChatEntry:
+                continue
+            if entry.streamed:
+                lost.append(_stream_lost(raw, entry, "died"))
+        if lost:
+            await self.queue.reply(dead_worker_id, lost)
+            logger.warning(
+                "worker %s died: %d stream(s) it ran ended with an error", dead_worker_id, len(lost)
+            )
         n = await self.queue.requeue(dead_worker_id)
         if n:
             logger.warning("worker %s died: handed %d chat request(s) back", dead_worker_id, n)
@@ -198,3 +227,15 @@ class ChatSource:
 
     async def release_all(self) -> int:
         return await self.queue.requeue(self.worker_id)
+
+
+def _stream_lost(raw: bytes, entry: ChatEntry, how: str) -> Answer:
+    """The answer for a stream whose worker stopped or died midway."""
+    error = UpstreamError(
+        f"the worker streaming this answer {how} midway; send the request again",
+        code="worker_lost",
+    )
+    outcome = Outcome(
+        status_code=None, body=None, request_id=None, error=error, attempts=1, latency_ms=0.0
+    )
+    return Answer(raw, entry.replica, serialization.dumps(result_line(entry.id, outcome)))

@@ -1,0 +1,276 @@
+"""A drop-in OpenAI endpoint: the official SDK against a real ``promptq serve`` process,
+real worker processes and the mock — streaming through the queue (chat and responses),
+a client that leaves, a worker killed mid-stream, every lane endpoint, ``models.list()``;
+each object checked against the SDK's typed models (pydantic validation)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from arq.connections import ArqRedis
+from openai import AsyncOpenAI
+from openai.types import Completion, CreateEmbeddingResponse, ModerationCreateResponse
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response
+from pydantic import SecretStr
+
+from promptq.api import create_app
+from promptq.mock import MockConfig, MockServer, expected_content
+from promptq.producer import Producer
+from promptq.shared import keys
+from promptq.shared.settings import Settings
+
+from .conftest import WorkerProcs, chat_keys, in_process_worker, wait_until
+
+CHUNKS, INTERVAL_MS = 20, 10
+
+
+@pytest.fixture
+async def slow() -> Any:
+    """A mock that streams 20 pieces 10 ms apart (the bench's shape)."""
+    async with MockServer(MockConfig(stream_chunks=CHUNKS, stream_interval_ms=INTERVAL_MS)) as m:
+        yield m
+
+
+def messages(text: str) -> Any:
+    return [{"role": "user", "content": text}]
+
+
+async def no_keys_but_the_counter(redis: ArqRedis) -> bool:
+    left = await chat_keys(redis)
+    return all(k.startswith(b"promptq:{chat}:pushed:") for k in left)
+
+
+async def test_sdk_streams_chat_as_the_upstream_produces_it(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, slow: MockServer
+) -> None:
+    worker_procs.use(slow)
+    await worker_procs.launch(redis, 1)
+    asked = messages("tell me a story about queues")
+    raw = await client.chat.completions.with_raw_response.create(model="mock-gpt", messages=asked)
+    whole = ChatCompletion.model_validate(raw.http_response.json())  # what promptq sent
+    arrivals: list[float] = []
+    chunks: list[ChatCompletionChunk] = []
+    stream = await client.chat.completions.create(
+        model="mock-gpt", messages=asked, stream=True, stream_options={"include_usage": True}
+    )
+    async for chunk in stream:
+        arrivals.append(time.monotonic())
+        chunks.append(ChatCompletionChunk.model_validate(chunk.model_dump(exclude_unset=True)))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content == expected_content({"messages": asked})
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens if whole.usage else False
+    # relayed as produced: the first piece came long before the last (20 x 10 ms apart)
+    assert arrivals[-1] - arrivals[0] > 0.5 * CHUNKS * INTERVAL_MS / 1000
+    assert slow.stats.streams == 1
+    await wait_until(lambda: no_keys_but_the_counter(redis), what="the stream's keys to go")
+
+
+async def test_sdk_streams_responses_with_typed_events(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, slow: MockServer
+) -> None:
+    worker_procs.use(slow)
+    await worker_procs.launch(redis, 1)
+    raw = await client.responses.with_raw_response.create(
+        model="mock-gpt", input="describe promptq"
+    )
+    whole = Response.model_validate(raw.http_response.json())
+    kinds: list[str] = []
+    deltas: list[str] = []
+    final: Response | None = None
+    stream = await client.responses.create(model="mock-gpt", input="describe promptq", stream=True)
+    async for event in stream:
+        kinds.append(event.type)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        if event.type == "response.completed":
+            final = Response.model_validate(event.response.model_dump(exclude_unset=True))
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert "".join(deltas) == whole.output_text == "echo: describe promptq"
+    assert final is not None
+    assert final.usage is not None
+    assert whole.usage is not None
+    assert final.usage.total_tokens == whole.usage.total_tokens
+
+
+async def test_errors_before_the_first_event_are_retried_then_answered_as_json(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, slow: MockServer
+) -> None:
+    worker_procs.use(slow, max_attempts=4)
+    await worker_procs.launch(redis, 1)
+    flaky = messages("retry me [[mock status=503 fail=2]]")
+    stream = await client.chat.completions.create(model="mock-gpt", messages=flaky, stream=True)
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == expected_content({"messages": flaky})
+    assert slow.stats.requests == 3  # two 503s, retried before any byte reached us
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(
+            model="mock-gpt", messages=messages("no [[mock status=400]]"), stream=True
+        )
+    assert refused.value.status_code == 400
+    # a failure midway cannot be retried (half the answer is out): an error event
+    cut = messages("cut short [[mock cut=5]]")
+    got: list[Any] = []
+    stream = await client.chat.completions.create(model="mock-gpt", messages=cut, stream=True)
+    with pytest.raises(openai.APIError, match="stream broke"):
+        await _read_into(stream, got)
+    assert len(got) == 5
+
+
+async def test_a_client_that_disconnects_stops_the_upstream_request(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs
+) -> None:
+    async with MockServer(MockConfig(stream_chunks=200, stream_interval_ms=20)) as mock:
+        worker_procs.use(mock)
+        await worker_procs.launch(redis, 1)
+        stream = await client.chat.completions.create(
+            model="mock-gpt", messages=messages("a very long answer"), stream=True
+        )
+        seen = 0
+        async for _chunk in stream:
+            seen += 1
+            if seen == 3:
+                break
+        await stream.close()
+        left = time.monotonic()
+
+        async def upstream_cancelled() -> bool:
+            return mock.stats.streams_cancelled == 1
+
+        await wait_until(upstream_cancelled, timeout_s=5, what="the upstream to see the cancel")
+        assert time.monotonic() - left < 1.5  # "within a second" plus polling slack
+        await wait_until(lambda: no_keys_but_the_counter(redis), what="the stream's keys to go")
+
+
+async def test_a_worker_killed_mid_stream_ends_it_with_an_error_event(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, settings: Settings
+) -> None:
+    async with MockServer(MockConfig(stream_chunks=400, stream_interval_ms=25)) as mock:
+        worker_procs.use(mock)
+        await worker_procs.launch(redis, 2)
+        stream = await client.chat.completions.create(
+            model="mock-gpt", messages=messages("a long answer"), stream=True
+        )
+        got: list[Any] = []
+
+        async def kill_after_three() -> None:
+            await wait_until(lambda: _at_least(got, 3), what="3 chunks")
+            await _kill_the_streaming_worker(redis, worker_procs)
+
+        killer = asyncio.create_task(kill_after_three())
+        async with asyncio.timeout(30):  # never a hang
+            with pytest.raises(openai.APIError, match="worker"):
+                await _read_into(stream, got)
+        await killer
+    assert 3 <= len(got) < 400
+
+
+async def _read_into(stream: Any, got: list[Any]) -> None:
+    async for chunk in stream:
+        got.append(chunk)
+
+
+async def _at_least(items: list[Any], n: int) -> bool:
+    return len(items) >= n
+
+
+async def _kill_the_streaming_worker(redis: ArqRedis, procs: WorkerProcs) -> None:
+    """SIGKILL the worker whose chat list holds the stream (ids are host-pid-random)."""
+    async for key in redis.scan_iter(match=keys.worker_chat("*")):
+        if await redis.llen(key):
+            pid = int(key.decode().rsplit(":", 1)[1].rsplit("-", 2)[1])
+            index = next(i for i, proc in enumerate(procs.procs) if proc.pid == pid)
+            procs.kill(index)
+            return
+    raise AssertionError("no worker holds the stream")
+
+
+async def test_every_lane_endpoint_and_models_list(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, mock: MockServer
+) -> None:
+    await worker_procs.launch(redis, 1)
+    raw: Any = await client.embeddings.with_raw_response.create(model="mock-gpt", input=["a", "b"])
+    embedding = CreateEmbeddingResponse.model_validate(raw.http_response.json())
+    assert [d.index for d in embedding.data] == [0, 1]
+    raw = await client.completions.with_raw_response.create(model="mock-gpt", prompt="finish this")
+    completion = Completion.model_validate(raw.http_response.json())
+    assert completion.choices[0].text == "echo: finish this"
+    raw = await client.moderations.with_raw_response.create(input="is this fine?")
+    moderation = ModerationCreateResponse.model_validate(raw.http_response.json())
+    assert moderation.results[0].flagged is False
+    response = await client.responses.create(model="mock-gpt", input="hello")
+    assert response.output_text == "echo: hello"
+    models = [m.id async for m in client.models.list()]
+    assert models == ["mock-gpt"]
+    with pytest.raises(openai.BadRequestError, match="does not stream"):
+        await client.embeddings.create(model="m", input="x", extra_body={"stream": True})
+    with pytest.raises(openai.NotFoundError):
+        await client.post("/no/such/endpoint", cast_to=dict, body={})
+
+
+@pytest.mark.parametrize(
+    ("url", "body"),
+    [
+        ("/v1/responses", {"input": "hi"}),
+        ("/v1/moderations", {"input": "hi"}),
+        ("/v1/embeddings", {"input": "hi"}),
+        ("/v1/completions", {"prompt": "hi"}),
+    ],
+)
+async def test_every_endpoint_as_a_batch(
+    redis: ArqRedis, settings: Settings, worker_procs: WorkerProcs, url: str, body: Any
+) -> None:
+    await worker_procs.launch(redis, 1)
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": url,
+              "body": {"model": "mock-gpt", **body}} for i in range(5)]  # fmt: skip
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+        batch = await p.submit(lines)
+        stats = await batch.wait(timeout_s=30)
+        results = [r async for r in batch.results()]
+    assert stats.succeeded == 5
+    assert all(r.response is not None and r.response.status_code == 200 for r in results)
+
+
+async def test_a_batch_line_without_input_is_named(
+    settings: Settings, redis: ArqRedis, tmp_path: Path
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {"model": "m"}}
+    path.write_text(json.dumps(line) + "\n")
+    async with Producer.from_url(settings.redis_url_or_default, settings=settings) as p:
+        with pytest.raises(Exception, match=r"line 1, field 'body.input'"):
+            await p.submit_file(path)
+
+
+async def test_a_python_backend_answer_is_streamed_as_the_events_asked_for(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    local = settings.model_copy(
+        update={"backend": "python:tests.backend_fns:chat_reply", "api_token": SecretStr("t")}
+    )
+    body = {"model": "mine", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+    async with (
+        in_process_worker(local),
+        TestClient(TestServer(create_app(local)), headers={"Authorization": "Bearer t"}) as api,
+    ):
+        resp = await api.post("/v1/chat/completions", json=body)
+        text = await resp.text()
+    assert resp.status == 200, text
+    assert resp.content_type == "text/event-stream"
+    events = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate(json.loads(e)) for e in events[:-1]]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "local: hi"
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == 3
