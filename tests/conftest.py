@@ -58,18 +58,25 @@ def redis_url() -> Iterator[str]:
             "redis-server) so the suite can start a throwaway one.",
             pytrace=False,
         )
+    with redis_server(binary) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def redis_server(binary: str, *extra: str, bind: str = "127.0.0.1") -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free port (``extra``: more of its flags)."""
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="promptq-test-redis-")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", workdir],
+        [binary, "--port", str(port), "--bind", bind, "--save", "", "--appendonly", "no",
+         "--dir", workdir, *extra],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 10
     while True:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((bind, port), timeout=0.2):
                 break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -77,7 +84,7 @@ def redis_url() -> Iterator[str]:
                 pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
             time.sleep(0.02)
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield f"redis://{bind}:{port}/0"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

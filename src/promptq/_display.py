@@ -187,3 +187,18 @@ def workers_table(workers: Sequence[Mapping[str, Any]], *, now: float) -> Table:
             str(w.get("upstream")),
         )
     return table
+
+
+_VERDICT_STYLE = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]", "fail": "[bold red]FAIL[/]"}
+
+
+def doctor_table(checks: Sequence[Any]) -> Table:
+    """``promptq doctor``'s checks: verdict, what was found, how to fix it."""
+    table = Table(title="promptq doctor", title_justify="left")
+    table.add_column("check")
+    table.add_column("", justify="center")
+    table.add_column("found")
+    table.add_column("fix")
+    for check in checks:
+        table.add_row(check.name, _VERDICT_STYLE[check.verdict], check.detail, check.fix)
+    return table

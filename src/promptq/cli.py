@@ -169,6 +169,7 @@ def _policy(options: dict[str, Any]) -> dict[str, Any]:
         "deadline_s": options.pop("deadline"),
         "max_cost_usd": options.pop("max_cost_usd"),
         "cache_ttl_s": None if cache is None else max(int(cache), 1),
+        "webhook_url": options.pop("webhook_url"),
     }
     try:  # before anything starts
         route_options(
@@ -182,6 +183,13 @@ def _policy(options: dict[str, Any]) -> dict[str, Any]:
 def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """--priority, --max-failure-rate, --route, --deadline, --max-cost-usd and --cache,
     shared by the commands that submit batches."""
+    command = click.option(
+        "--webhook-url",
+        metavar="URL",
+        help="POST a signed batch.completed|failed|cancelled event here when the batch "
+        "ends (Standard Webhooks; retried for about two hours; instead of the workers' "
+        "PROMPTQ_WEBHOOK_URL).",
+    )(command)
     command = click.option(
         "--cache",
         callback=_duration,
@@ -672,6 +680,71 @@ def serve(
         _fail(str(exc), EXIT_USAGE)
     except OSError as exc:
         _fail(f"cannot listen on {settings.api_host}:{settings.api_port}: {exc.strerror}", 1)
+
+
+@main.command()
+@click.option(
+    "--interval",
+    "interval_s",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option("--once", is_flag=True, help="Print one frame and exit (for scripts and logs).")
+@click.option(
+    "--batches",
+    type=click.IntRange(min=1, max=1000),
+    default=15,
+    show_default=True,
+    help="How many of the newest batches to show.",
+)
+@_redis_option
+@click.pass_context
+def top(
+    ctx: click.Context, interval_s: float, once: bool, batches: int, redis_url: str | None
+) -> None:
+    """The cluster live in the terminal: queue depth, limiter cooldowns and open circuit
+    breakers, the newest batches (progress, route, age, cost) and the live workers
+    (in flight, done, failed, req/s). Ctrl-C quits."""
+    from promptq._top import run_top
+
+    settings = _settings(ctx, redis_url=redis_url)
+    try:
+        asyncio.run(run_top(settings, interval_s=interval_s, once=once, batches=batches))
+    except KeyboardInterrupt:
+        return
+    except PromptqError as exc:
+        _fail(str(exc), 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+@_redis_option
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool, redis_url: str | None) -> None:
+    """Check what a production deployment needs, and say how to fix each problem.
+
+    Redis reachable and new enough, maxmemory-policy noeviction (anything else can drop
+    queued requests silently), persistence (AOF), live workers, the upstream answering
+    GET /models with the configured key (PROMPTQ_UPSTREAM_URL, PROMPTQ_API_KEY), and
+    this machine's clock against Redis'. Exit code 0 when all is well, 1 otherwise.
+    """
+    from promptq.doctor import run_checks
+
+    settings = _settings(ctx, redis_url=redis_url)
+    checks = _run_async(run_checks)(settings) or []
+    if as_json:
+        for check in checks:
+            sys.stdout.write(orjson.dumps(check.as_dict()).decode() + "\n")
+    else:
+        display.out_console.print(display.doctor_table(checks))
+    bad = [c for c in checks if c.verdict != "ok"]
+    if bad and not as_json:
+        display.out_console.print(
+            f"{len(bad)} problem(s): fix them (see 'fix') and run `promptq doctor` again"
+        )
+    sys.exit(1 if bad else 0)
 
 
 @main.command("mock-llm")

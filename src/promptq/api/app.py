@@ -10,6 +10,7 @@ replicas can run behind a load balancer. Routes:
     POST /v1/chat/completions  /v1/responses  /v1/embeddings  /v1/completions
     POST /v1/moderations (``"stream": true`` on the first two)   GET /v1/models
     GET /healthz (no token)           GET /metrics
+    GET / (the dashboard's page, no token)   GET /dashboard/overview, /dashboard/batches/{id}
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from promptq.api import batches, chat, files
+from promptq.api import batches, chat, dashboard, files
 from promptq.api.auth import auth_middleware
 from promptq.api.errors import SERVER_ERROR, error_middleware, error_response, json_response
 from promptq.api.lane import ChatLane
 from promptq.api.metrics import Metrics
 from promptq.api.state import LANE, METRICS, PRODUCER, SETTINGS, STORE, TASKS
 from promptq.api.store import ApiStore
+from promptq.doctor import redis_warnings
 from promptq.producer import Producer
 from promptq.shared.connection import connect
 from promptq.shared.models import ENDPOINTS
@@ -66,6 +68,7 @@ def create_app(settings: Settings) -> web.Application:
     for endpoint in ENDPOINTS:  # chat completions, responses, embeddings, ...
         app.router.add_post(endpoint, chat.lane_endpoint(endpoint))
     app.router.add_get("/v1/models", chat.list_models)
+    dashboard.routes(app)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     return app
@@ -80,6 +83,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         # lane's listener
         max_connections=settings.api_redis_connections,
     )
+    await redis_warnings(redis, who="serve")  # the checks of `promptq doctor`
     producer = Producer(redis, settings=settings)
     app[PRODUCER] = producer
     app[STORE] = ApiStore(redis)

@@ -13,8 +13,9 @@ from pydantic import SecretStr
 
 from promptq.api.errors import ApiError, Handler
 
-#: Routes a load balancer or orchestrator probes without credentials.
-PUBLIC_PATHS = frozenset({"/healthz"})
+#: Routes without credentials: the probe of a load balancer or orchestrator, and the
+#: dashboard's page (it holds no data; it asks for the token, then sends it).
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
 
 _MISSING = (
     "Missing bearer token: send 'Authorization: Bearer <token>' with the token the server "

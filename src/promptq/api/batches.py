@@ -93,13 +93,20 @@ def _metadata(value: Any) -> dict[str, str] | None:
 
 
 #: metadata keys that set promptq's options of a batch (the rest is the caller's own)
-OPTION_KEYS = ("promptq_route", "promptq_deadline", "promptq_max_cost_usd", "promptq_cache")
+OPTION_KEYS = (
+    "promptq_route",
+    "promptq_deadline",
+    "promptq_max_cost_usd",
+    "promptq_cache",
+    "promptq_webhook_url",
+)
 
 
 def batch_options(metadata: dict[str, str] | None) -> dict[str, Any]:
     """promptq's options of a batch from its metadata (``Producer.submit`` keywords):
     ``promptq_route`` (realtime | batch-api), ``promptq_deadline`` (45s, 30m, 2h, 1d),
-    ``promptq_max_cost_usd`` (USD), ``promptq_cache`` (a TTL); 400 naming the key."""
+    ``promptq_max_cost_usd`` (USD), ``promptq_cache`` (a TTL), ``promptq_webhook_url``;
+    400 naming the key."""
     options: dict[str, Any] = {}
     for key, value in (metadata or {}).items():
         if not key.startswith("promptq_") or key in (MARKER_BATCH, MARKER_SHARD):
@@ -120,6 +127,8 @@ def batch_options(metadata: dict[str, str] | None) -> dict[str, Any]:
                 options["deadline_s"] = parse_duration(value)
             elif key == "promptq_cache":
                 options["cache_ttl_s"] = max(int(parse_duration(value)), 1)
+            elif key == "promptq_webhook_url":
+                options["webhook_url"] = value
             else:
                 options["max_cost_usd"] = float(value)
         except ValueError as exc:

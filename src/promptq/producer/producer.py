@@ -37,17 +37,19 @@ from promptq.shared.errors import (
     BatchError,
     BatchExists,
     BatchNotFound,
+    ConfigError,
     InputError,
     LineError,
     QueueFull,
     RedisUnavailable,
 )
-from promptq.shared.models import BatchInfo, BatchStats, Priority, Result
+from promptq.shared.models import BatchInfo, BatchStats, Priority, Result, WebhookState
 from promptq.shared.results import BATCH_API, REALTIME
 from promptq.shared.routes import ROUTES, ShardCutter
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
+from promptq.shared.webhooks import check_url
 
 #: requests written per script call while enqueueing (each call stays a few ms)
 WRITE_CHUNK = 500
@@ -115,10 +117,16 @@ def route_options(
     deadline_s: float | None = None,
     max_cost_usd: float | None = None,
     cache_ttl_s: int | None = None,
+    webhook_url: str | None = None,
 ) -> dict[str, str | int | float]:
-    """A batch's route, deadline, budget and cache fields, validated (``InputError``
-    naming the option)."""
+    """A batch's route, deadline, budget, cache and webhook fields, validated
+    (``InputError`` naming the option)."""
     options: dict[str, str | int | float] = {}
+    if webhook_url is not None:
+        try:
+            options["webhook_url"] = check_url(webhook_url)
+        except ConfigError as exc:
+            raise InputError("--webhook-url", [LineError(0, "webhook_url", str(exc))]) from None
     if route not in ROUTES:
         raise InputError("--route", [LineError(0, "route", f"use one of {', '.join(ROUTES)}")])
     if route != REALTIME:
@@ -215,6 +223,7 @@ class Producer:
         deadline_s: float | None = None,
         max_cost_usd: float | None = None,
         cache_ttl_s: int | None = None,
+        webhook_url: str | None = None,
     ) -> Batch:
         """Validate ``items`` (prompts or request dicts) and enqueue them as one batch.
 
@@ -232,6 +241,9 @@ class Producer:
         the realtime lane. ``max_cost_usd`` stops the batch (code ``budget_exceeded``)
         once its spend reaches it. ``cache_ttl_s`` answers requests identical to one
         answered within that many seconds from the cache (see ``worker.cache``).
+        ``webhook_url`` is told when the batch ends (``batch.completed``, ``failed``,
+        ``cancelled``; signed, retried: see ``worker.webhooks``), instead of the
+        workers' ``PROMPTQ_WEBHOOK_URL``.
 
         ``resume=True`` (needs ``batch_id``) picks up a batch submitted earlier from the
         same items, e.g. by a run that crashed: if ``batch_id`` exists (queued, running
@@ -260,7 +272,11 @@ class Producer:
                 [LineError(0, "max_failure_rate", "must be at least 0 and below 1")],
             )
         options: dict[str, str | int | float] = route_options(
-            route=route, deadline_s=deadline_s, max_cost_usd=max_cost_usd, cache_ttl_s=cache_ttl_s
+            route=route,
+            deadline_s=deadline_s,
+            max_cost_usd=max_cost_usd,
+            cache_ttl_s=cache_ttl_s,
+            webhook_url=webhook_url,
         )
         if resume and await self._resume(parsed, batch_id):
             return Batch(self, batch_id)
@@ -498,16 +514,22 @@ class Batch:
             if with_stats:
                 pipe.hgetall(keys.stats(self.id))
                 pipe.hmget(keys.tally(self.id), ["cost", "saved", "unpriced", "cached"])
+                pipe.hgetall(keys.webhook(self.id))
             raw, *rest = await pipe.execute()
-        stats, spend = rest if rest else (None, None)
+        stats, spend, webhook = rest if rest else (None, None, None)
         if not raw:
             raise BatchNotFound(self.id)
-        return BatchInfo.from_redis(
+        info = BatchInfo.from_redis(
             self.id,
             {decode(k): decode(v) for k, v in raw.items()},
             {decode(k): decode(v) for k, v in stats.items()} if stats else None,
             None if spend is None else [None if v is None else decode(v) for v in spend],
         )
+        if webhook:
+            info.webhook = WebhookState.from_redis(
+                {decode(k): decode(v) for k, v in webhook.items()}
+            )
+        return info
 
     async def spent_usd(self) -> float | None:
         """What the batch cost so far in USD (None: a model with no price was used)."""

@@ -545,9 +545,17 @@ class BatchStore:
             if owner == me
         }
 
-    async def finish(self, batch_id: str, *, ttl_s: int, stats: Mapping[str, str]) -> str:
+    async def finish(
+        self,
+        batch_id: str,
+        *,
+        ttl_s: int,
+        stats: Mapping[str, str],
+        webhook_url: str | None = None,
+    ) -> str:
         """Write the stats and the terminal status of a finalizing batch (no-op for any
-        other); returns the status afterwards. Its keys go ``ttl_s`` later (``sweep``)."""
+        other); returns the status afterwards. Its keys go ``ttl_s`` later (``sweep``).
+        Its webhook event (its own URL, else ``webhook_url``) is enqueued with it."""
         fields = [item for pair in stats.items() for item in pair]
         final = decode(
             await self._finish(
@@ -565,8 +573,10 @@ class BatchStore:
                     keys.inflight(batch_id),
                     keys.results(batch_id),
                     keys.shards(batch_id),
+                    keys.WEBHOOKS,
+                    keys.webhook(batch_id),
                 ],
-                args=[ttl_s, batch_id, SWEEP_BACKSTOP_S, *fields],
+                args=[ttl_s, batch_id, SWEEP_BACKSTOP_S, webhook_url or "", *fields],
             )
         )
         await self.redis.srem(keys.ACTIVE, batch_id)  # type: ignore[misc]

@@ -165,6 +165,17 @@ def chat_replies(replica_id: str) -> str:
     return f"{PREFIX}:{{chat}}:replies:{replica_id}"
 
 
+#: Sorted set: webhook deliveries, batch id -> when the next attempt is due (ms on Redis'
+#: clock; a claimed one is leased ahead: ``worker.webhooks``).
+WEBHOOKS = f"{PREFIX}:webhooks"
+
+
+def webhook(batch_id: str) -> str:
+    """Hash: a finished batch's webhook event (url, type, created_at, attempts, status
+    pending|delivered|failed, last_error, delivered_at); it lives as long as the batch."""
+    return f"{PREFIX}:webhook:{{{batch_id}}}"
+
+
 def chat_cancel(chat_id: str) -> str:
     """String with a TTL: the client of a streamed chat-lane request has gone; the worker
     streaming it stops the upstream request and deletes this."""

@@ -154,6 +154,25 @@ class BatchStats(BaseModel):
         return cls.model_validate(data)
 
 
+class WebhookState(BaseModel):
+    """A finished batch's webhook event and its delivery (``promptq:webhook:{ID}``)."""
+
+    url: str
+    type: str
+    status: str  # pending | delivered | failed
+    attempts: int = 0
+    created_at: float | None = None
+    last_attempt_at: float | None = None
+    delivered_at: float | None = None
+    last_error: str | None = None
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> WebhookState:
+        data = {k: v for k, v in raw.items() if v != ""}
+        data["type"] = "batch." + data.get("type", "completed")
+        return cls.model_validate(data)
+
+
 class BatchInfo(BaseModel):
     """The batch hash ``promptq:batch:{ID}``, typed. Timestamps are unix seconds."""
 
@@ -186,6 +205,10 @@ class BatchInfo(BaseModel):
     cost_usd: float | None = None
     saved_usd: float = 0.0
     cached: int = 0
+    #: the batch's own webhook URL (else the workers' PROMPTQ_WEBHOOK_URL), and once the
+    #: batch has ended, its event's delivery
+    webhook_url: str | None = None
+    webhook: WebhookState | None = None
 
     @property
     def done(self) -> int:
@@ -217,6 +240,7 @@ class BatchInfo(BaseModel):
 
     def to_json_dict(self) -> dict[str, Any]:
         """The ``promptq status --json`` object."""
-        out = self.model_dump(mode="json", exclude={"stats"})
+        out = self.model_dump(mode="json", exclude={"stats", "webhook"})
         out["stats"] = self.stats.model_dump(mode="json") if self.stats else None
+        out["webhook"] = self.webhook.model_dump(mode="json") if self.webhook else None
         return out

@@ -235,3 +235,19 @@ class RateLimiter:
             if spent and reset_s:
                 pause = max(pause or 0.0, reset_s)
         return pause
+
+
+async def limiter_states(redis: Any, now_s: float) -> list[dict[str, Any]]:
+    """Every upstream (+ model) scope cooling down or with an open circuit breaker, for
+    ``promptq top`` and the dashboard: ``{"scope", "state", "seconds_left" | "reason"}``."""
+    states: list[dict[str, Any]] = []
+    async for key in redis.scan_iter(match=f"{keys.PREFIX}:ratelimit:*", count=200):
+        until = await redis.hget(key, "cooldown_until")
+        if until and float(until) / 1000 > now_s:
+            states.append({"scope": key.decode().split(":", 2)[2], "state": "cooldown",
+                           "seconds_left": round(float(until) / 1000 - now_s, 1)})  # fmt: skip
+    async for key in redis.scan_iter(match=f"{keys.PREFIX}:breaker:*", count=200):
+        reason = await redis.hget(key, "reason")
+        states.append({"scope": key.decode().split(":", 2)[2], "state": "circuit open",
+                       "reason": (reason or b"").decode()})  # fmt: skip
+    return states

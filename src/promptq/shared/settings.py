@@ -103,6 +103,21 @@ class Settings(BaseSettings):
     batch_api_poll_s: float = Field(
         default=30.0, gt=0, description="route batch-api: how often a provider batch is polled"
     )
+    webhook_url: str | None = Field(
+        default=None,
+        description="workers: POST a signed batch.completed|failed|cancelled|expired event "
+        "here for every batch without its own webhook URL",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="workers: the Standard Webhooks secret (whsec_ + base64) that signs "
+        "webhook deliveries; never stored in Redis",
+    )
+    webhook_backoff_s: str = Field(
+        default="5,30,120,300,600,1200,1800,3600",
+        description="waits between webhook delivery attempts, seconds, comma-separated; "
+        "after the last the event is marked failed",
+    )
     upstream_keepalive: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="keep connections to the upstream open between requests: 'auto' "

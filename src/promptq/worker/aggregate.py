@@ -32,7 +32,9 @@ RETRY_MAX_S = 2.0
 CLOSE_WAIT_S = 10.0
 
 
-async def aggregate(store: BatchStore, batch_id: str, *, default_ttl_s: int) -> str:
+async def aggregate(
+    store: BatchStore, batch_id: str, *, default_ttl_s: int, webhook_url: str | None = None
+) -> str:
     """Compute a finalizing batch's statistics and mark it completed (or how its stop
     said it ends). Returns the status afterwards; a batch that is not finalizing is left
     alone."""
@@ -50,7 +52,9 @@ async def aggregate(store: BatchStore, batch_id: str, *, default_ttl_s: int) -> 
     )
     # a batch may keep its results for less (the HTTP chat lane: minutes, not days)
     ttl_s = int(raw.get("result_ttl_s") or default_ttl_s)
-    final = await store.finish(batch_id, ttl_s=ttl_s, stats=stats.to_redis())
+    final = await store.finish(
+        batch_id, ttl_s=ttl_s, stats=stats.to_redis(), webhook_url=webhook_url
+    )
     logger.info(
         "batch %s %s: %d succeeded, %d failed, p50 %.0f ms, p99 %.0f ms, %.1f req/s",
         batch_id,
@@ -67,9 +71,17 @@ async def aggregate(store: BatchStore, batch_id: str, *, default_ttl_s: int) -> 
 class Aggregator:
     """In-process aggregation of the batches this worker completed."""
 
-    def __init__(self, store: BatchStore, *, default_ttl_s: int, health: RedisHealth) -> None:
+    def __init__(
+        self,
+        store: BatchStore,
+        *,
+        default_ttl_s: int,
+        health: RedisHealth,
+        webhook_url: str | None = None,
+    ) -> None:
         self.store = store
         self.default_ttl_s = default_ttl_s
+        self.webhook_url = webhook_url
         self.health = health
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -90,7 +102,12 @@ class Aggregator:
             f"enqueueing the aggregator of {batch_id}",
         )
         await self._until_done(
-            lambda: aggregate(self.store, batch_id, default_ttl_s=self.default_ttl_s),
+            lambda: aggregate(
+                self.store,
+                batch_id,
+                default_ttl_s=self.default_ttl_s,
+                webhook_url=self.webhook_url,
+            ),
             f"aggregating {batch_id}",
         )
 
@@ -124,4 +141,9 @@ class Aggregator:
 async def aggregate_job(ctx: dict[str, Any], batch_id: str) -> str:
     """arq job ``aggregate``: the durable fallback of the in-process aggregation."""
     store: BatchStore = ctx["store"]
-    return await aggregate(store, batch_id, default_ttl_s=int(ctx["result_ttl_s"]))
+    return await aggregate(
+        store,
+        batch_id,
+        default_ttl_s=int(ctx["result_ttl_s"]),
+        webhook_url=ctx.get("webhook_url"),
+    )

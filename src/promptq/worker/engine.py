@@ -30,6 +30,7 @@ from typing import Any
 
 from arq.connections import ArqRedis
 
+from promptq.doctor import redis_warnings
 from promptq.shared.batches import BatchStore
 from promptq.shared.chatqueue import ChatQueue
 from promptq.shared.connection import RedisHealth, redis_clock_offset
@@ -37,6 +38,7 @@ from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings
+from promptq.shared.webhooks import parse_backoff
 from promptq.worker import backends
 from promptq.worker.aggregate import Aggregator
 from promptq.worker.backends.http import HttpBackend
@@ -52,6 +54,7 @@ from promptq.worker.sources.batch import BatchSource
 from promptq.worker.sources.batchapi import ShardDriver
 from promptq.worker.sources.chat import ChatSource
 from promptq.worker.supervisor import Supervisor
+from promptq.worker.webhooks import WebhookSender
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +125,16 @@ class Engine:
             cache=ResponseCache(redis, worker_id=self.worker_id, timeout_s=settings.timeout_s),
         )
         self.aggregator = Aggregator(
-            self.store, default_ttl_s=settings.result_ttl_s, health=self.health
+            self.store,
+            default_ttl_s=settings.result_ttl_s,
+            health=self.health,
+            webhook_url=settings.webhook_url,
+        )
+        #: delivers finished batches' webhook events (any worker delivers any event)
+        self.webhooks = WebhookSender(
+            redis,
+            secret=settings.webhook_secret,
+            backoff_s=parse_backoff(settings.webhook_backoff_s),
         )
         self.chat = ChatSource(
             ChatQueue(redis),
@@ -182,6 +194,7 @@ class Engine:
         self.ready = asyncio.Event()
         self._supervisor_task: asyncio.Task[None] | None = None
         self._check_task: asyncio.Task[None] | None = None
+        self._redis_check: asyncio.Task[None] | None = None
         self._started = False
 
     def __repr__(self) -> str:
@@ -217,6 +230,8 @@ class Engine:
         await self.supervisor.beat()
         self._supervisor_task = asyncio.create_task(self.supervisor.run(), name="supervisor")
         self.dispatcher.start_feeds(self.sources)
+        await self.webhooks.start()
+        self._redis_check = asyncio.create_task(redis_warnings(self.redis, who="worker"))
         # ready once it hears wake-ups (the fallback poll covers a Redis that refuses)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(LISTEN_WAIT_S):
@@ -270,9 +285,11 @@ class Engine:
         if not self._started:
             return
         self._started = False
-        if self._check_task is not None:
-            self._check_task.cancel()
-            await asyncio.gather(self._check_task, return_exceptions=True)
+        for task in (self._check_task, self._redis_check):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await self.webhooks.stop()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         if self.shards is not None:
             await self.shards.stop()

@@ -139,6 +139,7 @@ class LocalWorker:
                 "store": self.engine.store,
                 "settings": settings,
                 "result_ttl_s": settings.result_ttl_s,
+                "webhook_url": settings.webhook_url,
             },
             poll_delay_s=settings.poll_delay_s,
         )
