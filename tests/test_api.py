@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -595,3 +596,15 @@ async def test_a_full_queue_is_429_with_retry_after(redis: ArqRedis, settings: S
         chat = {"model": "mock-gpt", "messages": [{"role": "user", "content": "hi"}]}
         resp = await api.post(CHAT, json=chat)
         assert (await error_of(resp, 429))["code"] == "queue_full"
+
+
+async def test_models_without_a_live_worker_answer_the_default_model_at_once(
+    api: Client, settings: Settings
+) -> None:
+    started = time.monotonic()
+    resp = await api.get("/v1/models")
+    body = await resp.json()
+    assert resp.status == 200
+    assert [m["id"] for m in body["data"]] == [settings.model]
+    assert body["object"] == "list"
+    assert time.monotonic() - started < 2  # no 10 s wait for a worker that is not there

@@ -98,10 +98,13 @@ def _chromium() -> str:
     if found is None:
         found = shutil.which("chromium-browser") or shutil.which("google-chrome")
     if found is None:
-        pytest.fail(
-            "the dashboard test needs Chromium: `apt-get install chromium` (or set "
+        why = (
+            "the dashboard's browser test needs Chromium: `apt-get install chromium` (or set "
             "PROMPTQ_TEST_CHROMIUM to a Chrome/Chromium binary); .ci/run installs it"
         )
+        if os.environ.get("PROMPTQ_REQUIRE_CHROMIUM"):  # CI: never without the browser
+            pytest.fail(why)
+        pytest.skip(why)
     return found
 
 

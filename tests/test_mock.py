@@ -99,7 +99,8 @@ async def test_success_shape(server: MockServer, session: aiohttp.ClientSession)
     assert payload["choices"] == [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": "echo: hello there"},
+            "message": {"role": "assistant", "content": "echo: hello there", "refusal": None},
+            "logprobs": None,
             "finish_reason": "stop",
         }
     ]

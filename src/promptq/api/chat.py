@@ -37,9 +37,10 @@ from promptq.api.errors import (
     read_json_object,
 )
 from promptq.api.lane import LaneClosed, LaneStream
-from promptq.api.state import LANE, SETTINGS
+from promptq.api.state import LANE, PRODUCER, SETTINGS
 from promptq.shared.errors import InputError, QueueFull
 from promptq.shared.models import CHAT_ENDPOINT, MODELS_ENDPOINT, QueuedRequest
+from promptq.shared.registry import WorkerRegistry
 from promptq.shared.sse import STREAMING_ENDPOINTS, error_event, events_from_answer
 
 logger = logging.getLogger(__name__)
@@ -257,7 +258,10 @@ async def list_models(request: web.Request) -> web.Response:
         return json_response(cache["body"])
     lane = request.app[LANE]
     settings = request.app[SETTINGS]
+    registry = WorkerRegistry(request.app[PRODUCER].redis, heartbeat_s=settings.heartbeat_s)
     try:
+        if not await registry.count_live():  # nobody would answer: do not wait for it
+            raise TimeoutError
         line, _chat_id = await lane.send(
             QueuedRequest(custom_id="models", body={}, line=1),
             timeout_s=MODELS_TIMEOUT_S,

@@ -138,7 +138,7 @@ def response_object(
             "type": "message",
             "status": "completed",
             "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
+            "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
         }
     ]
     return {
@@ -229,7 +229,7 @@ def responses_stream(
     started = response_object(body, messages, model, status="in_progress", ids=ids)
     item = {"id": message_id, "type": "message", "status": "in_progress", "role": "assistant",
             "content": []}  # fmt: skip
-    part = {"type": "output_text", "text": "", "annotations": []}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
     where = {"item_id": message_id, "output_index": 0, "content_index": 0}
     events = [
         event("response.created", response=started),

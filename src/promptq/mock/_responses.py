@@ -64,7 +64,8 @@ def success_bytes(body: Mapping[str, Any], messages: list[dict[str, Any]], model
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
+                    "message": {"role": "assistant", "content": content, "refusal": None},
+                    "logprobs": None,
                     "finish_reason": "stop",
                 }
             ],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from promptq.shared.batches import BatchStore
@@ -82,6 +83,8 @@ class Aggregator:
         self.store = store
         self.default_ttl_s = default_ttl_s
         self.webhook_url = webhook_url
+        #: told when a batch this worker aggregated has ended (its webhook may be due)
+        self.on_finished: Callable[[], None] | None = None
         self.health = health
         self._running: dict[str, asyncio.Task[None]] = {}
 
@@ -110,6 +113,8 @@ class Aggregator:
             ),
             f"aggregating {batch_id}",
         )
+        if self.on_finished is not None:
+            self.on_finished()
 
     async def _until_done(self, step: Any, doing: str) -> None:
         delay = RETRY_S

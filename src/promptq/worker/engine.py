@@ -136,6 +136,7 @@ class Engine:
             secret=settings.webhook_secret,
             backoff_s=parse_backoff(settings.webhook_backoff_s),
         )
+        self.aggregator.on_finished = self.webhooks.poke
         self.chat = ChatSource(
             ChatQueue(redis),
             worker_id=self.worker_id,

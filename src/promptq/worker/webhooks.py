@@ -25,6 +25,7 @@ environment and never reaches Redis or a log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -61,14 +62,20 @@ class WebhookSender:
         lease_s: float = LEASE_S,
     ) -> None:
         self.redis = redis
-        self._key = signing_key(secret) if secret is not None else None
+        # an empty PROMPTQ_WEBHOOK_SECRET (compose's default) is no secret
+        self._key = signing_key(secret) if secret and secret.get_secret_value() else None
         self.backoff_s = backoff_s
         self.lease_s = lease_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._claim = scripts.register(redis, "webhook_claim")
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._poked = asyncio.Event()
         self.delivered = 0
+
+    def poke(self) -> None:
+        """A batch this worker finished has an event: look now, not at the next poll."""
+        self._poked.set()
 
     async def start(self) -> None:
         if self._key is None:
@@ -96,7 +103,12 @@ class WebhookSender:
                 raise
             except Exception as exc:  # Redis trouble: the next poll tries again
                 logger.debug("webhook poll failed: %s", exc)
-            await asyncio.sleep(POLL_S)
+            # (not asyncio.wait_for: on 3.11 it can swallow a cancel that comes as the
+            # event is set, and stop() would wait forever)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_S):
+                    await self._poked.wait()
+            self._poked.clear()
 
     async def claim(self, limit: int = CLAIM_MAX) -> list[str]:
         """Lease the deliveries that are due (for ``lease_s``); their batch ids."""
