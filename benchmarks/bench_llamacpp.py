@@ -26,13 +26,10 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -40,44 +37,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from _procs import free_port, start_redis, wait_port
 from promptq.producer import Producer
 from promptq.shared import keys
 from promptq.shared.connection import connect
 from promptq.shared.settings import Settings
 
 MODEL = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, what: str) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start") from None
-            time.sleep(0.05)
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("bench_llamacpp needs redis-server on PATH (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", tempfile.mkdtemp(prefix="promptq-bench-redis-")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_port(port, "redis-server")
-    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 def start_mock(latency_ms: float) -> tuple[subprocess.Popen[bytes], str]:
@@ -230,7 +196,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.reps, args.skip_keepalive_on = 1, True
-    redis_proc, redis_url = start_redis()
+    redis_proc, redis_url = start_redis("bench_llamacpp")
     mock_proc = None
     url = args.upstream
     if url is None:

@@ -23,11 +23,7 @@ import argparse
 import asyncio
 import json
 import shutil
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -35,6 +31,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
+from _procs import start_redis
 from promptq.api import create_app
 from promptq.embedded import local_cluster
 from promptq.mock import MockServer
@@ -43,33 +40,6 @@ from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings
 
 TOKEN = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("bench_operate needs redis-server on PATH (apt-get install redis-server)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-         "no", "--dir", tempfile.mkdtemp(prefix="promptq-bench-redis-")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
 
 
 async def commands(redis: Any) -> int:
@@ -156,7 +126,7 @@ async def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batches, args.workers, args.reps, args.hooks = 100, 10, 1, 2
-    proc, url = start_redis()
+    proc, url = start_redis("bench_operate")
     out: dict[str, Any] = {"batches": args.batches, "workers": args.workers}
     try:
         settings = Settings(redis_url=url, api_token=SecretStr(TOKEN), heartbeat_s=60)
