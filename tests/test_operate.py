@@ -284,3 +284,19 @@ async def test_doctor_against_an_evicting_redis_without_aof(settings: Settings) 
     assert "AOF off" in out
     assert "appendonly yes" in out
     assert "no worker beat" in out
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("PROMPTQ_WEBHOOK_SECRET", "not-base64!!", "whsec_"),
+        ("PROMPTQ_WEBHOOK_BACKOFF_S", "5,soon", "PROMPTQ_WEBHOOK_BACKOFF_S"),
+    ],
+)
+async def test_a_worker_with_bad_webhook_settings_says_what_to_fix(
+    settings: Settings, variable: str, value: str, says: str
+) -> None:
+    code, _out, err = await cli("worker", "--burst", env={**worker_env(settings), variable: value})
+    assert code == 2
+    assert says in err
+    assert "Traceback" not in err
