@@ -142,6 +142,7 @@ async def test_the_dashboard_in_a_real_browser(
                 assert await page.evaluate("sessionStorage.getItem('promptq-token')") == TOKEN
                 await page.wait_for_selector("#workers tbody tr")
                 assert await page.text_content("#worker-count") == "1"
+                await page.wait_for_selector("#limits:has-text('using')")  # the RPM in use
                 # one batch's page: status, counts, errors with a sample, charts drawn
                 await page.click(f"tr[data-id='{done.id}']")
                 await page.wait_for_selector("#detail-status:has-text('completed')")
