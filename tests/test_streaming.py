@@ -274,3 +274,56 @@ async def test_a_python_backend_answer_is_streamed_as_the_events_asked_for(
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "local: hi"
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 3
+
+
+class _Events:
+    """A stand-in hub: collects what a relay would write."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def push(self, relay: Any, line: bytes) -> None:
+        self.lines.append(line)
+
+
+async def test_events_split_anywhere_with_crlf_line_ends_are_relayed_whole() -> None:
+    from aiohttp import web
+
+    from promptq.worker.backends.http import HttpBackend
+    from promptq.worker.relay import StreamRelay
+
+    pieces = [b'data: {"a":1}\r', b'\n\r\ndata: {"b"', b":2}\r\n\r\n", b"data: [DONE]\r\n\r\n"]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in pieces:
+            await resp.write(piece)
+            await asyncio.sleep(0.01)  # each piece in its own read (not a condition)
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    backend = HttpBackend(
+        base_url=f"http://{host}:{port}/v1", api_key=None, concurrency=1, timeout_s=5,
+        keepalive="on",
+    )  # fmt: skip
+    await backend.start()
+    try:
+        events = _Events()
+        relay = StreamRelay(events, chat_id="x", replica="r")  # type: ignore[arg-type]
+        answer = await backend.attempt("/v1/chat/completions", {"stream": True}, relay=relay)
+    finally:
+        await backend.close()
+        await runner.cleanup()
+    assert answer.error is None  # it ended in [DONE]
+    assert [json.loads(line)["event"] for line in events.lines] == [
+        'data: {"a":1}',
+        'data: {"b":2}',
+        "data: [DONE]",
+    ]

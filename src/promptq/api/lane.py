@@ -272,6 +272,9 @@ class LaneStream:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
+        if self.pushed is None:  # streaming: just the next item (the cheap way)
+            async with asyncio.timeout(remaining):
+                return self._checked(await self.items.get())
         getter = asyncio.ensure_future(self.items.get())
         waiting: set[asyncio.Future[Any]] = {getter}
         if self.pushed is not None and not self.pushed.done():
@@ -284,6 +287,7 @@ class LaneStream:
             if not getter.done():
                 getter.cancel()
         if getter in done:
+            self.pushed = None  # something came back: the push went through
             return self._checked(getter.result())
         if self.pushed is not None and self.pushed in done:
             self.pushed.result()  # raises the push's error

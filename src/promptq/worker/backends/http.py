@@ -221,21 +221,27 @@ class HttpBackend:
                     # retried (or made into events by the API) as any answer
                     answer, classified = classify(status, headers, await resp.read())
                     return Attempt(status, answer, headers.get("x-request-id"), classified, headers)
-                lines: list[str] = []
-                async for raw in resp.content:
-                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                    if line:
-                        lines.append(line)
-                        continue
-                    if not lines:
-                        continue
-                    event = "\n".join(lines)
-                    lines = []
-                    if event_data(event) == DONE:
-                        done = True
-                    if not relay.send(event):
-                        break  # the client has gone
-                if lines and relay.send("\n".join(lines)) and event_data(lines[-1]) == DONE:
+                # events end at a blank line; read what has arrived, not line by line
+                pending = b""
+                gone = False
+                async for chunk in resp.content.iter_any():
+                    pending += chunk
+                    if b"\r" in pending:  # CRLF line ends (a lone CR waits for its LF)
+                        pending = pending.replace(b"\r\n", b"\n")
+                    *events, pending = pending.split(b"\n\n")
+                    for raw in events:
+                        event = raw.strip(b"\n").decode("utf-8", "replace")
+                        if not event:
+                            continue
+                        if event.endswith(DONE) and event_data(event) == DONE:
+                            done = True
+                        if not relay.send(event):
+                            gone = True  # the client has gone
+                            break
+                    if gone:
+                        break
+                rest = pending.strip(b"\n").decode("utf-8", "replace")
+                if rest and not gone and relay.send(rest) and event_data(rest) == DONE:
                     done = True
         except TimeoutError:
             error = f"the stream stalled: nothing within {self.timeout.total:g}s"
