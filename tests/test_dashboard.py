@@ -62,6 +62,9 @@ async def test_overview_pages_through_many_batches_and_filters_them(
             ["ok", "bad [[mock status=400]]", "worse [[mock status=400]]"]
         )
         await failing.wait(timeout_s=30)
+        # a refused key stops the batch, which ends `failed`: the filter finds only it
+        stopped = await producer.submit(["no [[mock status=401]]"])
+        await stopped.wait(timeout_s=30)
     seen: list[str] = []
     offset: int | None = 0
     while offset is not None:
@@ -69,11 +72,23 @@ async def test_overview_pages_through_many_batches_and_filters_them(
         body = await resp.json()
         seen += [b["id"] for b in body["batches"]]
         offset = body["next_offset"]
-    assert len(seen) == 31 == len(set(seen))
-    assert seen[0] == failing.id  # newest first
-    assert body["batch_count"] == 31
+    assert len(seen) == 32 == len(set(seen))
+    assert seen[:2] == [stopped.id, failing.id]  # newest first
+    assert body["batch_count"] == 32
     only_failed = await (await api.get("/dashboard/overview?status=failed", headers=AUTH)).json()
-    assert [b["id"] for b in only_failed["batches"]] == []  # 2 of 3 failed: completed
+    assert [b["id"] for b in only_failed["batches"]] == [stopped.id]
+    # a filtered page that fills up says where the next one starts, and skips nothing
+    completed: list[str] = []
+    offset = 0
+    while offset is not None:
+        page = await (
+            await api.get(f"/dashboard/overview?status=completed&limit=7&offset={offset}",
+                          headers=AUTH)
+        ).json()  # fmt: skip
+        completed += [b["id"] for b in page["batches"]]
+        offset = page["next_offset"]
+    assert len(completed) == 31 == len(set(completed))
+    assert stopped.id not in completed
     detail = await (await api.get(f"/dashboard/batches/{failing.id}", headers=AUTH)).json()
     assert detail["batch"]["failed"] == 2
     assert detail["errors"][0]["code"] == "invalid_request_error"

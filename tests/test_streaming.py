@@ -210,8 +210,8 @@ async def test_every_lane_endpoint_and_models_list(
     assert moderation.results[0].flagged is False
     response = await client.responses.create(model="mock-gpt", input="hello")
     assert response.output_text == "echo: hello"
-    models = [m.id async for m in client.models.list()]
-    assert models == ["mock-gpt"]
+    models = [(m.id, m.owned_by) async for m in client.models.list()]
+    assert models == [("mock-gpt", "mock")]  # the mock's list via a worker, not the fallback
     with pytest.raises(openai.BadRequestError, match="does not stream"):
         await client.embeddings.create(model="m", input="x", extra_body={"stream": True})
     with pytest.raises(openai.NotFoundError):

@@ -10,7 +10,6 @@ slots, last beat, throughput since the last frame). Everything comes from Redis,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,10 +22,8 @@ from rich.text import Text
 
 from promptq import _display as display
 from promptq.producer import Producer
-from promptq.shared import keys
 from promptq.shared.models import BatchInfo
-from promptq.shared.ratelimit import limiter_states
-from promptq.shared.registry import WorkerRegistry
+from promptq.shared.overview import read_overview
 from promptq.shared.settings import Settings
 
 _STATUS_STYLE = {
@@ -40,27 +37,20 @@ _STATUS_STYLE = {
 
 
 async def snapshot(producer: Producer, settings: Settings, *, batches: int) -> dict[str, Any]:
-    """What one frame shows, read from Redis."""
-    redis = producer.redis
-    ids = [b.decode() for b in await redis.zrevrange(keys.BATCHES, 0, batches - 1)]
-    infos: list[BatchInfo] = []
-    for batch_id in ids:
-        with contextlib.suppress(Exception):  # swept meanwhile
-            infos.append(await producer.batch(batch_id).info())
-    workers = await WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s).live()
-    seconds, micros = await redis.time()
-    limits = []
-    for state in await limiter_states(redis, seconds):
-        if state["state"] == "cooldown":
-            limits.append((state["scope"], f"cooling down, {state['seconds_left']:.1f} s left"))
-        else:
-            limits.append((state["scope"], f"circuit open: {state['reason']}"))
+    """What one frame shows, read from Redis (``shared.overview``)."""
+    found = await read_overview(producer, heartbeat_s=settings.heartbeat_s, limit=batches)
+    limits = [
+        (state["scope"], f"cooling down, {state['seconds_left']:.1f} s left")
+        if state["state"] == "cooldown"
+        else (state["scope"], f"circuit open: {state['reason']}")
+        for state in found.limits
+    ]
     return {
-        "now": seconds + micros / 1e6,
-        "queued": await producer.queued_requests(),
-        "chat_queued": await redis.llen(keys.CHAT_QUEUE),  # type: ignore[misc]
-        "batches": infos,
-        "workers": workers,
+        "now": found.now,
+        "queued": found.queued,
+        "chat_queued": found.chat_queued,
+        "batches": found.batches,
+        "workers": found.workers,
         "limits": limits,
     }
 

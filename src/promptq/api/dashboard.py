@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from importlib import resources
 from typing import Any
@@ -28,8 +27,7 @@ from promptq.api.state import PRODUCER, SETTINGS
 from promptq.shared import keys
 from promptq.shared.errors import BatchNotFound
 from promptq.shared.models import BatchInfo
-from promptq.shared.ratelimit import limiter_states
-from promptq.shared.registry import WorkerRegistry
+from promptq.shared.overview import read_overview
 from promptq.shared.stats import BUCKET_PREFIX, ERROR_PREFIX, bucket_value, stats_from_tally
 from promptq.shared.status import Status
 
@@ -82,43 +80,24 @@ def _summary(info: BatchInfo) -> dict[str, Any]:
 
 async def overview(request: web.Request) -> web.Response:
     """GET /dashboard/overview: queue, limiter, workers, one page of batches."""
-    producer = request.app[PRODUCER]
     settings = request.app[SETTINGS]
-    redis = producer.redis
-    offset = _int(request.query.get("offset"), 0, 0, 10**9)
-    limit = _int(request.query.get("limit"), 25, 1, PAGE_MAX)
-    wanted = request.query.get("status") or None
-    seconds, micros = await redis.time()
-    now = seconds + micros / 1e6
-    batches: list[dict[str, Any]] = []
-    scanned = offset
-    total = int(await redis.zcard(keys.BATCHES))
-    # a status filter reads on until the page is full (at most PAGE_MAX x 10 batches)
-    while len(batches) < limit and scanned < total and scanned < offset + PAGE_MAX * 10:
-        ids = [
-            b.decode() for b in await redis.zrevrange(keys.BATCHES, scanned, scanned + limit - 1)
-        ]
-        scanned += len(ids)
-        for batch_id in ids:
-            with contextlib.suppress(BatchNotFound):  # swept meanwhile
-                info = await producer.batch(batch_id).info()
-                if wanted is None or info.status.value == wanted:
-                    batches.append(_summary(info))
-        if not ids:
-            break
-    workers = await WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s).live()
-    limits = await limiter_states(redis, now)
+    found = await read_overview(
+        request.app[PRODUCER],
+        heartbeat_s=settings.heartbeat_s,
+        offset=_int(request.query.get("offset"), 0, 0, 10**9),
+        limit=_int(request.query.get("limit"), 25, 1, PAGE_MAX),
+        status=request.query.get("status") or None,
+    )
     return json_response(
         {
-            "now": now,
-            "queued": await producer.queued_requests(),
-            "chat_queued": int(await redis.llen(keys.CHAT_QUEUE)),  # type: ignore[misc]
-            "batch_count": total,
-            "offset": offset,
-            "next_offset": scanned if scanned < total else None,
-            "batches": batches,
-            "workers": workers,
-            "limits": limits,
+            "now": found.now,
+            "queued": found.queued,
+            "chat_queued": found.chat_queued,
+            "batch_count": found.batch_count,
+            "next_offset": found.next_offset,
+            "batches": [_summary(info) for info in found.batches],
+            "workers": found.workers,
+            "limits": found.limits,
             "rpm": settings.rpm,
             "tpm": settings.tpm,
         }
