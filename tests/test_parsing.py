@@ -128,3 +128,30 @@ def test_parse_items_accepts_strings_and_dicts() -> None:
     assert [r.custom_id for r in parsed.requests] == ["line-1", "B"]
     with pytest.raises(InputError):
         parse_items([], default_model="m")
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"messages": [{"role": "user", "content": "hi"}], "temperature": 0}},
+        {"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+        {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}},
+        {"custom_id": "a", "method": "GET", "url": "/v1/nope", "body": {"model": ""}},
+        {"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": {"input": ""}},
+    ],
+)  # fmt: skip
+def test_parse_one_validates_as_parse_items_does(item: dict[str, object]) -> None:
+    """The chat lane's single-request path: the same request, or the same errors."""
+    from promptq.producer.parsing import parse_one
+
+    def outcome(parse: object) -> object:
+        try:
+            return parse()  # type: ignore[operator]
+        except InputError as exc:
+            return [(e.line, e.field, e.message) for e in exc.errors]
+
+    batch = outcome(lambda: parse_items([item], default_model="m0").requests[0])
+    one = outcome(lambda: parse_one(item, default_model="m0"))
+    assert one == (batch, item["url"]) or one == batch
+    assert isinstance(one, tuple) == (not isinstance(batch, list))

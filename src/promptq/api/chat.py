@@ -203,38 +203,34 @@ async def _relay(
     finished = False
     try:
         await response.write(f"{first}\n\n".encode())
-        while True:
-            try:
-                item = await stream.next()
-            except TimeoutError:
-                message = f"the stream did not finish within {timeout_s:g} s"
-                await response.write(f"{error_event(message, code='timeout')}\n\n".encode())
-                break
-            except LaneClosed:
-                message = "the server is shutting down"
-                await response.write(f"{error_event(message, code='shutting_down')}\n\n".encode())
-                break
-            event = item.get("event")
-            if isinstance(event, str):
-                # what else has arrived goes in the same write (one syscall, not one each)
-                more = stream.ready()
-                events = [event]
-                for extra in more:
-                    if isinstance(extra.get("event"), str):
-                        events.append(extra["event"])
-                    else:
-                        stream.items.put_nowait(extra)  # the final answer: next round
+        error: str | None = None
+        try:
+            async with asyncio.timeout_at(stream.deadline_at()):  # one timer per stream
+                while not finished:
+                    # everything that has arrived goes in one write (one syscall, not one
+                    # per event); the final answer comes last
+                    events: list[str] = []
+                    for item in await stream.take():
+                        event = item.get("event")
+                        if isinstance(event, str):
+                            events.append(f"{event}\n\n")
+                            continue
+                        finished = True
+                        failed = item.get("error")
+                        body = (item.get("response") or {}).get("body") or {}
+                        if failed is not None and not body.get("error_relayed"):
+                            message = str(failed.get("message") or "the upstream failed")
+                            code = str(failed.get("code") or UPSTREAM_ERROR)
+                            events.append(f"{error_event(message, code=code)}\n\n")
                         break
-                await response.write("".join(f"{e}\n\n" for e in events).encode())
-                continue
-            finished = True
-            error = item.get("error")
-            body = (item.get("response") or {}).get("body") or {}
-            if error is not None and not body.get("error_relayed"):
-                message = str(error.get("message") or "the upstream failed")
-                code = str(error.get("code") or UPSTREAM_ERROR)
-                await response.write(f"{error_event(message, code=code)}\n\n".encode())
-            break
+                    await response.write("".join(events).encode())
+        except TimeoutError:
+            message = f"the stream did not finish within {timeout_s:g} s"
+            error = error_event(message, code="timeout")
+        except LaneClosed:
+            error = error_event("the server is shutting down", code="shutting_down")
+        if error is not None:
+            await response.write(f"{error}\n\n".encode())
         await response.write_eof()
     except ConnectionResetError:  # the client left midway: stop the upstream request
         if not finished:

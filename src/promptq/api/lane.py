@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import orjson
 
 from promptq.producer import Producer
-from promptq.producer.parsing import parse_items
+from promptq.producer.parsing import parse_one
 from promptq.shared.chatqueue import ChatEntry, ChatQueue, new_chat_id
 from promptq.shared.connection import RedisHealth, is_redis_outage, redis_clock_offset
 from promptq.shared.models import CHAT_ENDPOINT, QueuedRequest
@@ -70,7 +71,7 @@ class ChatLane:
         self._queued: list[tuple[ChatEntry, asyncio.Future[dict[str, Any]]]] = []
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         #: streamed requests: their events and final answer, in order
-        self._streams: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._streams: dict[str, LaneStream] = {}
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -84,8 +85,7 @@ class ChatLane:
         stream = body.get("stream") is True
         checked = {k: v for k, v in body.items() if k != "stream"} if stream else body
         item = {"custom_id": "chat", "method": "POST", "url": endpoint, "body": checked}
-        parsed = parse_items([item], default_model=self._producer.settings.model)
-        request = parsed.requests[0]
+        request, _endpoint = parse_one(item, default_model=self._producer.settings.model)
         if stream:
             request = QueuedRequest(
                 custom_id=request.custom_id, body={**request.body, "stream": True}, line=1
@@ -118,9 +118,10 @@ class ChatLane:
         """Queue a streamed request; read its events and final answer from the result."""
         entry = await self._entry(request, timeout_s=timeout_s, endpoint=endpoint)
         stream = LaneStream(self, entry.id, deadline=time.monotonic() + timeout_s)
-        self._streams[entry.id] = stream.items
+        self._streams[entry.id] = stream
+        # the stream's items come from the reply list; the future only says a failed push
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        stream.pushed = future
+        future.add_done_callback(stream.push_done)
         self._queued.append((entry, future))
         self._arrived.set()
         return stream
@@ -158,8 +159,8 @@ class ChatLane:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(LaneClosed("the server is shutting down"))
-        for items in self._streams.values():
-            items.put_nowait({"closed": True})
+        for stream in self._streams.values():
+            stream.put({"closed": True})
         try:
             await self._queue.forget_replica(self.replica_id)
         except Exception as exc:  # Redis gone: the counter expires on its own
@@ -195,14 +196,18 @@ class ChatLane:
                     self._hand_out(await self._queue.undelivered(self.replica_id))
                     await self._queue.delivered(self.replica_id)
                     recovering, moved = False, 0
-                lines = await self._queue.wait_for_answers(self.replica_id, block_s=LISTEN_BLOCK_S)
+                lines: list[bytes] = []
+                if self._streams:  # streams are busy: take all that waits in one go
+                    lines = await self._queue.more_answers(self.replica_id, limit=MORE_MAX)
+                if not lines:  # (and only block when nothing waits: one round trip each)
+                    lines = await self._queue.wait_for_answers(
+                        self.replica_id, block_s=LISTEN_BLOCK_S
+                    )
                 if not lines:  # idle: forget what was handed out
                     if moved:
                         await self._queue.delivered(self.replica_id)
                         moved = 0
                     continue
-                if self._streams:  # streams are busy: take all that waits in one go
-                    lines += await self._queue.more_answers(self.replica_id, limit=MORE_MAX)
                 self._hand_out(lines)
                 moved += 1
                 if moved >= DELIVERED_EVERY:
@@ -237,9 +242,9 @@ class ChatLane:
             if future is not None and not future.done():
                 future.set_result(line)
                 continue
-            items = self._streams.get(line.get("custom_id", ""))
-            if items is not None:
-                items.put_nowait(line)
+            stream = self._streams.get(line.get("custom_id", ""))
+            if stream is not None:
+                stream.put(line)
             # else: its handler timed out, the line was handed out before a dropped
             # connection, or the request ran twice (a worker presumed dead still
             # worked): the first answer won
@@ -247,16 +252,20 @@ class ChatLane:
 
 class LaneStream:
     """One streamed request's items: ``{"event": text}`` while it streams, then its
-    result line (``{"closed": True}`` if the server shuts down). Use ``async with``: on
-    exit the lane forgets it."""
+    result line. Use ``async with``: on exit the lane forgets it.
+
+    The lane's listener hands items over with :meth:`put` (no queue, no task switch
+    until the handler waits); the handler reads the first with :meth:`next` and then
+    everything that has arrived at once with :meth:`take`: one write per wake-up."""
 
     def __init__(self, lane: ChatLane, chat_id: str, *, deadline: float) -> None:
         self.lane = lane
         self.id = chat_id
+        #: on ``time.monotonic()``'s clock
         self.deadline = deadline
-        self.items: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        #: set when the push failed (queue full, Redis trouble): raised by ``next``
-        self.pushed: asyncio.Future[dict[str, Any]] | None = None
+        self._items: deque[dict[str, Any]] = deque()
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
 
     async def __aenter__(self) -> LaneStream:
         return self
@@ -264,46 +273,58 @@ class LaneStream:
     async def __aexit__(self, *exc: object) -> None:
         self.lane.forget_stream(self.id)
 
+    def put(self, item: dict[str, Any]) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def push_done(self, future: asyncio.Future[dict[str, Any]]) -> None:
+        """The queueing of the request failed (queue full, Redis trouble): ``next``
+        raises the error."""
+        if not future.cancelled() and future.exception() is not None:
+            self.put({"push_error": future.exception()})
+
+    def deadline_at(self) -> float:
+        """The deadline on the event loop's clock (for ``asyncio.timeout_at``)."""
+        return self._loop.time() + self.deadline - time.monotonic()
+
     async def next(self) -> dict[str, Any]:
         """The next item; ``TimeoutError`` past the deadline, the push's error if it
         failed, ``LaneClosed`` when the server shuts down."""
-        if not self.items.empty():
-            return self._checked(self.items.get_nowait())
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        if self.pushed is None:  # streaming: just the next item (the cheap way)
+        if not self._items:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
             async with asyncio.timeout(remaining):
-                return self._checked(await self.items.get())
-        getter = asyncio.ensure_future(self.items.get())
-        waiting: set[asyncio.Future[Any]] = {getter}
-        if self.pushed is not None and not self.pushed.done():
-            waiting.add(self.pushed)
-        try:
-            done, _ = await asyncio.wait(
-                waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            if not getter.done():
-                getter.cancel()
-        if getter in done:
-            self.pushed = None  # something came back: the push went through
-            return self._checked(getter.result())
-        if self.pushed is not None and self.pushed in done:
-            self.pushed.result()  # raises the push's error
-            self.pushed = None  # (a result would be odd: the stream's answers come here)
-            return await self.next()
-        raise TimeoutError
+                await self._arrival()
+        return self._checked(self._items.popleft())
 
-    def ready(self) -> list[dict[str, Any]]:
-        """The items already here (none waited for)."""
-        items = []
-        while not self.items.empty():
-            items.append(self._checked(self.items.get_nowait()))
+    async def take(self) -> list[dict[str, Any]]:
+        """Every item that has arrived, after waiting for one (no deadline of its own:
+        the caller's ``asyncio.timeout_at(deadline_at())`` bounds the whole stream).
+        Raises as ``next`` does when the first item waiting is an error."""
+        await self._arrival()
+        items = [self._checked(self._items.popleft())]
+        while self._items and not self._is_error(self._items[0]):
+            items.append(self._items.popleft())
         return items
+
+    async def _arrival(self) -> None:
+        while not self._items:
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    @staticmethod
+    def _is_error(item: dict[str, Any]) -> bool:
+        return "closed" in item or "push_error" in item
 
     @staticmethod
     def _checked(item: dict[str, Any]) -> dict[str, Any]:
         if item.get("closed"):
             raise LaneClosed("the server is shutting down")
+        if "push_error" in item:
+            raise item["push_error"]
         return item

@@ -424,6 +424,19 @@ def parse_items(
     return ParsedBatch(requests=requests, endpoint=endpoint, model=model, fingerprint=digest)
 
 
+def parse_one(
+    item: Mapping[str, Any], *, default_model: str, source: str = "request"
+) -> tuple[QueuedRequest, str]:
+    """Validate one item on its own (an HTTP API request through the chat lane): the
+    request and its endpoint, as ``parse_items`` would give them, without a batch's
+    bookkeeping (uniqueness of custom_ids, fingerprint). Raises ``InputError``."""
+    errors = _Collector()
+    request = _one(1, dict(item), errors, default_model)
+    if request is None:
+        raise InputError(source, errors.errors, total=errors.count)
+    return request
+
+
 def _custom_id(number: int, value: Any, errors: _Collector, *, required: bool) -> str | None:
     if value is None:
         if required:
