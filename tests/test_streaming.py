@@ -327,3 +327,63 @@ async def test_events_split_anywhere_with_crlf_line_ends_are_relayed_whole() -> 
         'data: {"b":2}',
         "data: [DONE]",
     ]
+
+
+def test_the_summary_parses_only_events_that_may_matter() -> None:
+    """Content deltas are skipped unparsed; usage (any spacing), errors and a
+    response's final state are read; ``"usage": null`` is not usage."""
+    from promptq.shared.sse import StreamSummary
+
+    summary = StreamSummary()
+    summary.add('data: {"id":"c1","model":"m","choices":[],"usage":null}')  # first: parsed
+    summary.add('data: {"id":"c2","choices":[{"delta":{"content":"x"}}],"usage": null}')
+    assert (summary.id, summary.usage) == ("c1", None)
+    summary.add('data: {"id":"c1","choices":[],"usage":\t {"total_tokens": 7}}')
+    assert summary.usage == {"total_tokens": 7}
+    summary.add('data: {"error": {"message": "overloaded", "code": "server_error"}}')
+    assert summary.error == {"message": "overloaded", "code": "server_error"}
+    responses = StreamSummary()
+    responses.add('event: response.created\ndata: {"type":"response.created","response":{}}')
+    responses.add(
+        'event: response.completed\ndata: {"type":"response.completed",'
+        '"response":{"id":"resp_1","model":"m","usage":{"total_tokens":3}}}'
+    )
+    assert responses.body()["object"] == "response"
+    assert (responses.id, responses.usage) == ("resp_1", {"total_tokens": 3})
+    assert responses.events == 2
+
+
+async def test_a_lane_stream_hands_over_what_arrived_in_order_then_its_errors() -> None:
+    """``take`` returns every item waiting, in order, stopping before an error item,
+    which the next call raises; a failed push reaches ``next``."""
+    from promptq.api.lane import LaneClosed, LaneStream
+    from promptq.shared.errors import QueueFull
+
+    forgotten: list[str] = []
+
+    class Lane:
+        def forget_stream(self, chat_id: str) -> None:
+            forgotten.append(chat_id)
+
+    stream = LaneStream(Lane(), "s1", deadline=time.monotonic() + 5)  # type: ignore[arg-type]
+    async with stream:
+        reader = asyncio.create_task(stream.take())
+        await asyncio.sleep(0)  # the reader is waiting (not a condition: one loop turn)
+        assert not reader.done()
+        stream.put({"event": "a"})
+        stream.put({"event": "b"})
+        stream.put({"closed": True})
+        assert await asyncio.wait_for(reader, 5) == [{"event": "a"}, {"event": "b"}]
+        with pytest.raises(LaneClosed):
+            await stream.take()
+    assert forgotten == ["s1"]
+
+    failed = LaneStream(Lane(), "s2", deadline=time.monotonic() + 5)  # type: ignore[arg-type]
+    pushed: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+    pushed.add_done_callback(failed.push_done)
+    pushed.set_exception(QueueFull("the queue is full", queued=10, limit=10))
+    with pytest.raises(QueueFull):
+        await failed.next()
+    late = LaneStream(Lane(), "s3", deadline=time.monotonic() - 1)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await late.next()

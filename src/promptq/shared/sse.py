@@ -12,7 +12,6 @@ is turned into the events the client asked for (:func:`events_from_answer`).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,8 +29,23 @@ __all__ = [
 
 #: chat completions end their stream with this data
 DONE = "[DONE]"
-#: an event that may carry usage, an error, or a response's final state
-_MAY_MATTER = re.compile(r'"usage":\s*\{|"error"|response\.(?:completed|failed|incomplete)')
+
+
+def _may_matter(event: str) -> bool:
+    """Whether an event may carry usage, an error or a response's final state (the
+    others are not parsed). ``"usage": null``, in every chunk with ``include_usage``,
+    does not count. Substring tests: a regular expression costs more than the rest of
+    relaying an event."""
+    if '"usage"' in event and '"usage":null' not in event and '"usage": null' not in event:
+        return True
+    return (
+        '"error"' in event
+        or "response.completed" in event
+        or "response.failed" in event
+        or "response.incomplete" in event
+    )
+
+
 #: the endpoints that stream (``"stream": true``)
 STREAMING_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/responses"})
 
@@ -62,7 +76,7 @@ class StreamSummary:
 
     def add(self, event: str) -> None:
         self.events += 1
-        if self.events > 1 and not _MAY_MATTER.search(event):
+        if self.events > 1 and not _may_matter(event):
             return  # a content delta: nothing to sum up (most events; skip the parse)
         data = event_data(event)
         if data is None or data == DONE:
