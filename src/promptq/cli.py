@@ -464,6 +464,7 @@ def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
     PROMPTQ_SHUTDOWN_GRACE_S (10 s; a second signal cuts it short), and hands the rest
     back to the queue. Start as many as you like, on any machine.
     """
+    from promptq.shared.runtime import settle_heap
     from promptq.worker import backends, run_worker
 
     settings = _settings(ctx, **overrides)
@@ -477,6 +478,7 @@ def worker(ctx: click.Context, /, burst: bool, **overrides: Any) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - optional speed-up
         pass
+    settle_heap()  # everything is imported: keep it out of the collector's way
     try:
         asyncio.run(run_worker(settings, burst=burst))
     except RedisUnavailable as exc:

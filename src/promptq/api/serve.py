@@ -9,6 +9,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from promptq.api.app import create_app
+from promptq.shared.runtime import settle_heap
 from promptq.shared.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,17 @@ def serve(
         if on_ready is not None:
             on_ready(url)
 
+    app = create_app(settings)
+    app.on_startup.append(_settle)  # last: once connected to Redis (cleanup_ctx)
     web.run_app(
-        create_app(settings),
+        app,
         host=host,
         port=port,
         access_log=None,  # a log line per request would cost more than the request
         print=bound,
         shutdown_timeout=10.0,
     )
+
+
+async def _settle(app: web.Application) -> None:
+    settle_heap()
