@@ -9,7 +9,8 @@ plain aiohttp SSE reader (the client's own cost is the same both ways).
 
 Printed: time to first chunk (request sent to first event) p50/p99 each way and what
 promptq adds; the gaps between chunks p50/p99 each way and what promptq adds; CPU per
-chunk in the API process and in the workers (``/proc``). Medians over ``--reps`` runs;
+chunk in the API process and in the workers (``/proc``), beside the mock's own (an
+aiohttp server writing the same events: what any Python server pays per chunk). Medians over ``--reps`` runs;
 the last line is one JSON object.
 """
 
@@ -93,7 +94,7 @@ async def main() -> None:
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per stream")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="between events")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--burst",
         action="store_true",
@@ -132,9 +133,12 @@ async def main() -> None:
     try:
         await asyncio.sleep(2)  # the workers' start (heartbeat, checks)
         await run(api_url, 5, auth)  # warm up: connections, scripts loaded
-        direct, through, api_cpu, worker_cpu, events = [], [], [], [], []
+        direct, through, api_cpu, worker_cpu, mock_cpu, events = [], [], [], [], [], []
+        mock = procs[1]
         for _ in range(args.reps):
+            before_mock = cpu_s(mock.pid)
             direct.append(await run(mock_url, args.streams, {}, stagger))
+            mock_cpu.append(cpu_s(mock.pid) - before_mock)
             before_api = cpu_s(api.pid)
             before_workers = sum(cpu_s(w.pid) for w in workers)
             result = await run(api_url, args.streams, auth, stagger)
@@ -157,9 +161,11 @@ async def main() -> None:
         out[f"direct_{key}_ms"] = med(direct, key)
         out[f"promptq_{key}_ms"] = med(through, key)
         out[f"added_{key}_ms"] = med(through, key) - med(direct, key)
-    per_event = statistics.median(events)
-    out["api_cpu_us_per_chunk"] = statistics.median(api_cpu) / per_event * 1e6
-    out["worker_cpu_us_per_chunk"] = statistics.median(worker_cpu) / per_event * 1e6
+    # CPU: all runs' seconds over all their chunks (/proc counts in 10 ms ticks: one
+    # run's figure alone would be coarse)
+    out["api_cpu_us_per_chunk"] = sum(api_cpu) / sum(events) * 1e6
+    out["worker_cpu_us_per_chunk"] = sum(worker_cpu) / sum(events) * 1e6
+    out["mock_cpu_us_per_chunk"] = sum(mock_cpu) / sum(r["events"] for r in direct) * 1e6
     print(f"{args.streams} concurrent streams, {args.chunks} chunks {args.interval_ms:g} ms "
           f"apart, {'all at once' if args.burst else 'starts spread'}, {args.workers} workers, "
           f"{args.reps} rep(s), medians:")  # fmt: skip
@@ -172,7 +178,8 @@ async def main() -> None:
           f"{out['promptq_gap_p99_ms']:.1f} ms  added {out['added_gap_p50_ms']:+.1f} / "
           f"{out['added_gap_p99_ms']:+.1f} ms")  # fmt: skip
     print(f"  CPU per chunk        API {out['api_cpu_us_per_chunk']:.0f} µs, workers "
-          f"{out['worker_cpu_us_per_chunk']:.0f} µs")  # fmt: skip
+          f"{out['worker_cpu_us_per_chunk']:.0f} µs (the mock itself, an aiohttp "
+          f"server writing the same events: {out['mock_cpu_us_per_chunk']:.0f} µs)")  # fmt: skip
     print(json.dumps(out))
 
 
