@@ -2,7 +2,7 @@
 
 Run ``python benchmarks/bench_stream.py`` (about a minute; ``--quick`` for a smoke run).
 It starts a throwaway ``redis-server``, ``promptq mock-llm`` (``--chunks`` pieces,
-``--interval-ms`` apart: 20 and 10 by default), ``promptq serve`` and ``--workers`` (2)
+``--interval-ms`` apart: 20 and 10 by default), ``promptq serve`` and ``--workers`` (1)
 ``promptq worker`` processes, then opens ``--streams`` (100) concurrent streamed chat
 completions, in turns, directly against the mock and through ``promptq serve``, with a
 plain aiohttp SSE reader (the client's own cost is the same both ways).
@@ -10,8 +10,9 @@ plain aiohttp SSE reader (the client's own cost is the same both ways).
 Printed: time to first chunk (request sent to first event) p50/p99 each way and what
 promptq adds; the gaps between chunks p50/p99 each way and what promptq adds; CPU per
 chunk in the API process and in the workers (``/proc``), beside the mock's own (an
-aiohttp server writing the same events: what any Python server pays per chunk). Medians over ``--reps`` runs;
-the last line is one JSON object.
+aiohttp server writing the same events: what any Python server pays per chunk).
+Latencies are medians over ``--reps`` runs, CPU is summed over them; the last line is
+one JSON object.
 """
 
 from __future__ import annotations
@@ -93,7 +94,13 @@ async def main() -> None:
     parser.add_argument("--streams", type=int, default=100, help="concurrent streams")
     parser.add_argument("--chunks", type=int, default=20, help="content pieces per stream")
     parser.add_argument("--interval-ms", type=float, default=10.0, help="between events")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1: on 2 cores, serve and one worker each get one; "
+        "the mock, the client and Redis share them too)",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--burst",
