@@ -6,6 +6,7 @@ each object checked against the SDK's typed models (pydantic validation)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from promptq.producer import Producer
 from promptq.shared import keys
 from promptq.shared.settings import Settings
 
-from .conftest import WorkerProcs, chat_keys, in_process_worker, wait_until
+from .conftest import TOKEN, WorkerProcs, chat_keys, in_process_worker, wait_until
 
 CHUNKS, INTERVAL_MS = 20, 10
 
@@ -150,6 +151,39 @@ async def test_a_client_that_disconnects_stops_the_upstream_request(
         await wait_until(upstream_cancelled, timeout_s=5, what="the upstream to see the cancel")
         assert time.monotonic() - left < 1.5  # "within a second" plus polling slack
         await wait_until(lambda: no_keys_but_the_counter(redis), what="the stream's keys to go")
+
+
+async def test_a_client_that_leaves_before_the_first_event_stops_the_upstream_request(
+    redis: ArqRedis, base_url: str, worker_procs: WorkerProcs
+) -> None:
+    """A slow model's long wait for its first token: the client gives up (nothing has
+    been written to it yet), and the worker stops the upstream request within about a
+    second instead of waiting out the 5 s the mock takes."""
+    import aiohttp
+
+    async with MockServer(MockConfig(stream_chunks=5)) as mock:
+        worker_procs.use(mock)
+        await worker_procs.launch(redis, 1)
+        body = {"model": "mock-gpt", "stream": True,
+                "messages": messages("[[mock latency_ms=5000]] a slow first token")}  # fmt: skip
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.create_task(
+                session.post(f"{base_url}/chat/completions", json=body, headers=headers)
+            )
+
+            async def taken() -> bool:  # a worker runs it: the upstream call is under way
+                return bool(await redis.keys(keys.worker_chat("*")))
+
+            await wait_until(taken, what="a worker to take the request")
+            request.cancel()  # the client leaves: its connection closes
+            with contextlib.suppress(asyncio.CancelledError):
+                await request
+        left = time.monotonic()
+        await wait_until(lambda: no_keys_but_the_counter(redis), what="the request to end")
+        # the serve polls its client every 0.5 s, the worker its silent streams every 0.5 s
+        assert time.monotonic() - left < 2.5
+        assert mock.stats.streams == 0  # the upstream never got to stream
 
 
 async def test_a_worker_killed_mid_stream_ends_it_with_an_error_event(

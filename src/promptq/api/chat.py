@@ -13,7 +13,8 @@ upstream produces them, relayed through Redis by whichever worker runs the reque
 (``worker.relay``). Retries and rate limits happen before the first event: a request
 that fails before it gets the same JSON error as without ``stream``. A failure midway
 ends the stream with an error event (``data: {"error": ...}``), which the OpenAI SDKs
-raise as ``APIError``; a client that disconnects stops the upstream request. A backend
+raise as ``APIError``; a client that disconnects stops the upstream request, also before
+the first event (a slow model's long wait for its first token). A backend
 that answers whole (a ``python:`` function) is sent as the events the client expects
 (``shared.sse.events_from_answer``).
 """
@@ -46,6 +47,8 @@ from promptq.shared.sse import STREAMING_ENDPOINTS, error_event, events_from_ans
 logger = logging.getLogger(__name__)
 
 UPSTREAM_ERROR = "upstream_error"
+#: while a stream waits for its first event, this often: has its client gone?
+CLIENT_CHECK_S = 0.5
 #: GET /v1/models: the upstream's answer is kept this long, and asked for this long
 MODELS_TTL_S = 60.0
 MODELS_TIMEOUT_S = 10.0
@@ -161,7 +164,10 @@ async def _stream(
         stream = await lane.open_stream(queued, timeout_s=timeout_s, endpoint=endpoint)
     async with stream:
         with _lane_errors(timeout_s):
-            first = await stream.next()
+            first = await _first_item(request, stream)
+        if first is None:  # the client left before anything came: stop the upstream
+            await lane_cancel(request, stream.id)
+            return web.Response(status=499, reason="Client Closed Request")  # unread
         if "event" not in first:  # the final answer came before any event
             if first.get("error") is not None:
                 return _answer(first, stream.id)  # as without stream: retried, then JSON
@@ -169,6 +175,21 @@ async def _stream(
             events = events_from_answer(endpoint, queued.body, body)
             return await _write_all(request, stream, events)
         return await _relay(request, stream, first["event"], timeout_s)
+
+
+async def _first_item(request: web.Request, stream: LaneStream) -> dict[str, Any] | None:
+    """The stream's first item; None when the client disconnects first (asked every
+    ``CLIENT_CHECK_S``: nothing is written before the first event, so no write fails
+    to tell). ``TimeoutError`` past the stream's deadline."""
+    while True:
+        try:
+            async with asyncio.timeout(CLIENT_CHECK_S):
+                return await stream.next()
+        except TimeoutError:
+            if time.monotonic() >= stream.deadline:
+                raise
+            if request.transport is None or request.transport.is_closing():
+                return None
 
 
 def _sse_response(chat_id: str) -> web.StreamResponse:
