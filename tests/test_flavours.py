@@ -313,3 +313,116 @@ async def test_a_501_not_supported_stops_the_batch_and_says_how_to_fix_the_serve
     assert {r.error.code for r in results if r.error} <= {"not_supported"}
     assert sent < 30  # the stop spared the rest
     assert sum(r.attempts for r in results) == sent
+
+
+# -- streams -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event", "message", "code"),
+    [
+        ('data: {"error": {"message": "boom", "type": "server_error", "param": null, '
+         '"code": "x"}}', "boom", "x"),
+        ('data: {"error": {"message": "boom", "type": "InternalServerError", "param": null, '
+         '"code": 500}}', "boom", 500),  # vLLM since 0.10.1
+        ('data: {"object": "error", "message": "boom", "type": "BadRequestError", '
+         '"param": null, "code": 400}', "boom", 400),  # vLLM before
+        ('data: {"error": {"code": 500, "message": "boom", "type": "server_error"}}',
+         "boom", 500),  # llama.cpp
+        ('error: {"code": 500, "message": "boom", "type": "server_error"}', "boom", 500),
+        ('data: {"error": "boom", "error_type": "generation"}', "boom", "generation"),  # TGI
+    ],
+)  # fmt: skip
+def test_every_servers_stream_error_shape_is_read_as_openais(
+    event: str, message: str, code: object
+) -> None:
+    from promptq.shared.sse import upstream_error
+
+    assert upstream_error(event) == {
+        "message": message,
+        "type": upstream_error(event)["type"],  # type: ignore[index]
+        "param": None,
+        "code": code,
+    }
+
+
+def test_content_that_mentions_errors_and_comments_are_not_errors() -> None:
+    from promptq.shared.sse import is_comment, upstream_error
+
+    chunk = 'data: {"choices": [{"delta": {"content": "no \\"error\\" here"}}]}'
+    assert upstream_error(chunk) is None
+    assert upstream_error('event: error\ndata: {"type": "error", "message": "m"}') is None
+    assert is_comment(":")
+    assert is_comment(": ping\n:")
+    assert not is_comment(": ping\ndata: x")
+
+
+class _Relayed:
+    """A stream's events as a worker hands them to its hub."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def push(self, relay: Any, line: bytes) -> None:
+        self.lines.append(line)
+
+    def events(self) -> list[str]:
+        return [orjson.loads(line)["event"] for line in self.lines]
+
+
+async def _stream_from(flavour: str, content: str) -> tuple[list[str], Any, Any]:
+    """One streamed chat completion from the ``flavour`` mock, through the real backend:
+    (relayed events, the attempt, the stream's summary)."""
+    from promptq.worker.relay import StreamRelay
+
+    async with MockServer(MockConfig(flavour=flavour, stream_chunks=4)) as mock:
+        backend = HttpBackend(base_url=mock.url, api_key=None, concurrency=1, timeout_s=5)
+        await backend.start()
+        relayed = _Relayed()
+        relay = StreamRelay(relayed, chat_id="c1", replica="r")  # type: ignore[arg-type]
+        body = {"model": "m", "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": content}]}  # fmt: skip
+        try:
+            attempt = await backend.attempt("/v1/chat/completions", body, relay=relay)
+        finally:
+            await backend.close()
+    return relayed.events(), attempt, relay.summary
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_each_flavours_stream_reaches_the_client_as_openai_chunks(flavour: str) -> None:
+    """Each server's chunks (its fingerprint, its nulls, llama.cpp's timings and
+    keep-alive pings) are relayed as they are, read by the SDK's own models; pings are
+    not relayed; the usage is summed up."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from promptq.mock import expected_content
+
+    events, attempt, summary = await _stream_from(flavour, "tell me")
+    assert attempt.error is None
+    assert events[-1] == "data: [DONE]"
+    assert not any(e.startswith(":") for e in events)
+    chunks = [ChatCompletionChunk.model_validate_json(e[6:]) for e in events[:-1]]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_content({"messages": [{"role": "user", "content": "tell me"}]})
+    assert chunks[-1].usage is not None
+    assert summary.usage == chunks[-1].usage.model_dump(exclude_none=True)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+async def test_each_flavours_failure_midway_reaches_the_client_in_openais_shape(
+    flavour: str,
+) -> None:
+    """vLLM, Ollama, llama.cpp and TGI each report a failure midway in their own shape:
+    the client gets OpenAI's (which the SDKs raise), nothing after it (vLLM's [DONE]),
+    and the attempt fails for good with the server's message."""
+    events, attempt, _summary = await _stream_from(flavour, "[[mock error_at=3]] tell me")
+    *before, last = events
+    assert "[DONE]" not in "".join(events)
+    error = orjson.loads(last.removeprefix("data: "))["error"]
+    assert error["message"] == "generation failed midway (mock error_at)"
+    assert set(error) == {"message", "type", "param", "code"}
+    assert all("error" not in e for e in before)
+    assert attempt.error is not None
+    assert not attempt.error.retryable
+    assert "generation failed midway" in str(attempt.error)

@@ -128,6 +128,26 @@ async def test_errors_before_the_first_event_are_retried_then_answered_as_json(
     assert len(got) == 5
 
 
+@pytest.mark.parametrize("flavour", ["tgi", "vllm"])
+async def test_a_servers_own_failure_midway_is_raised_by_the_sdk(
+    redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs, flavour: str
+) -> None:
+    """TGI reports a failure midway as ``{"error": "message"}`` and vLLM follows its
+    error with ``[DONE]``: through promptq the SDK raises the server's message either
+    way, and the result says the request failed."""
+    async with MockServer(MockConfig(flavour=flavour, stream_chunks=6)) as mock:
+        worker_procs.use(mock)
+        await worker_procs.launch(redis, 1)
+        got: list[Any] = []
+        stream = await client.chat.completions.create(
+            model="mock-gpt", messages=messages("[[mock error_at=3]] go"), stream=True
+        )
+        with pytest.raises(openai.APIError, match="generation failed midway"):
+            await _read_into(stream, got)
+        assert len(got) == 3
+        await wait_until(lambda: no_keys_but_the_counter(redis), what="the stream's keys to go")
+
+
 async def test_a_client_that_disconnects_stops_the_upstream_request(
     redis: ArqRedis, client: AsyncOpenAI, worker_procs: WorkerProcs
 ) -> None:

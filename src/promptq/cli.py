@@ -778,8 +778,9 @@ def doctor(ctx: click.Context, as_json: bool, redis_url: str | None) -> None:
     type=click.Choice(FLAVOURS),
     default="openai",
     show_default=True,
-    help="Answer errors as this server does (bodies and status codes); llamacpp also "
-    "imitates llama-server's HTTP thread pool, keep-alive and slots.",
+    help="Answer errors and stream chat chunks as this server does (bodies, status codes, "
+    "chunk fields, failures midway); llamacpp also imitates llama-server's HTTP thread "
+    "pool, keep-alive and slots.",
 )
 @click.option("--api-key", help="Refuse requests without 'Authorization: Bearer KEY'.")
 @click.option(
@@ -823,7 +824,8 @@ def mock_llm(host: str, port: int, **options: Any) -> None:
     malformed=1, drop=1, latency_ms=L, and error=KIND (context, parse, invalid, auth,
     model, path, busy, loading, unsupported, too_large, server) in the body the
     --flavour's server gives it. "stream": true streams chat completions and responses
-    (chunks=N interval_ms=M per request; cut=K drops the connection after K events).
+    (chunks=N interval_ms=M per request; cut=K drops the connection after K events;
+    error_at=K ends the stream after K events with the --flavour's failure events).
 
     It is also a provider with a Batch API (POST /v1/files, /v1/batches, ...) for
     --route batch-api: batch=fail|expire|hold in a line fails its provider batch,

@@ -68,7 +68,9 @@ class Directives:
       ...; :data:`promptq.mock._flavours.KINDS`) in the body the mock's flavour's server
       gives it (``--flavour``; e.g. llama.cpp's 503 ``Loading model`` for ``loading``).
     * ``chunks=N``, ``interval_ms=M`` (a streamed answer): N pieces of content, M ms
-      apart; ``cut=K``: the connection drops after K events (a failure mid-stream).
+      apart; ``cut=K``: the connection drops after K events (a failure mid-stream);
+      ``error_at=K``: after K events the server reports a failure in the stream, in the
+      shape the mock's flavour's server uses (``mock._flavours.stream_failure``).
     * ``batch=fail|expire|hold`` (the mock's Batch API only; a realtime request with it
       is answered as usual): the provider batch holding the line fails validation, the
       line expires (the batch ends ``expired``), or the line is never run (the batch
@@ -90,6 +92,7 @@ class Directives:
     batch: str | None = None
     error: str | None = None
     cut: int | None = None
+    error_at: int | None = None
     chunks: int | None = None
     interval_ms: float | None = None
 
@@ -200,8 +203,8 @@ def _apply(fields: dict[str, Any], key: str, value: str) -> None:
         fields[key] = _integer(key, value, 0, 1_000_000)
     elif key in ("quota", "hang", "malformed", "drop"):
         fields[key] = _flag(key, value)
-    elif key in ("cut", "chunks"):
-        fields[key] = _integer(key, value, 0 if key == "cut" else 1, 100_000)
+    elif key in ("cut", "chunks", "error_at"):
+        fields[key] = _integer(key, value, 1 if key == "chunks" else 0, 100_000)
     elif key in ("retry_after", "retry_after_ms", "latency_ms", "interval_ms"):
         fields[key] = _number(key, value)
     elif key == "error":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -27,6 +27,7 @@ from promptq.mock._directives import (
     message_text,
     prompt_chars,
 )
+from promptq.mock._flavours import StreamStyle, stream_style
 
 __all__ = [
     "MODERATION_CATEGORIES",
@@ -182,33 +183,56 @@ def moderation_bytes(texts: list[str], model: str) -> bytes:
     return orjson.dumps({"id": _id("modr-"), "model": model, "results": [result] * len(texts)})
 
 
+#: OpenAI's own chunks
+OPENAI_STYLE: Final = stream_style("openai")
+
+
 def _data(payload: Any) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
 def chat_stream(
-    body: Mapping[str, Any], messages: list[dict[str, Any]], model: str, content: str, n: int
+    body: Mapping[str, Any],
+    messages: list[dict[str, Any]],
+    model: str,
+    content: str,
+    n: int,
+    style: StreamStyle = OPENAI_STYLE,
 ) -> list[bytes]:
-    """The SSE events of a streamed chat completion (each ends in a blank line)."""
+    """The SSE events of a streamed chat completion (each ends in a blank line), with
+    the chunk fields of the server ``style`` stands for."""
     options = body.get("stream_options")
     usage_wanted = isinstance(options, Mapping) and options.get("include_usage") is True
-    base = {"id": _id("chatcmpl-"), "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model, "system_fingerprint": None}  # fmt: skip
-    extra: dict[str, Any] = {"usage": None} if usage_wanted else {}
+    base: dict[str, Any] = {"id": _id("chatcmpl-"), "object": "chat.completion.chunk",
+                            "created": int(time.time()), "model": model}  # fmt: skip
+    if style.fingerprint is not ...:
+        base["system_fingerprint"] = style.fingerprint
+    nulls = style.usage_null == "always" or (style.usage_null == "asked" and usage_wanted)
+    extra: dict[str, Any] = {"usage": None} if nulls else {}
+    timings = {"prompt_n": estimate_tokens(prompt_chars(messages)), "prompt_ms": 1.5,
+               "predicted_n": estimate_tokens(len(content)), "predicted_ms": 9.5}  # fmt: skip
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return _data({**base, "choices": [choice], **extra})
+    def chunk(delta: dict[str, Any], finish: str | None, **more: Any) -> bytes:
+        if style.role_every_delta:
+            delta = {"role": "assistant", **delta}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        if style.logprobs:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _data({**base, "choices": [choice], **extra, **more})
 
-    events = [chunk({"role": "assistant", "content": ""}, None)]
+    events = [b":\n\n"] if style.ping else []
+    events.append(chunk({"role": "assistant", "content": ""}, None))
     events += [chunk({"content": piece}, None) for piece in pieces(content, n)]
-    events.append(chunk({}, "stop"))
+    events.append(chunk({}, "stop", **({"timings": timings} if style.timings else {})))
     if usage_wanted:
         prompt_tokens = estimate_tokens(prompt_chars(messages))
         completion_tokens = estimate_tokens(len(content))
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
-        events.append(_data({**base, "choices": [], "usage": usage}))
+        last: dict[str, Any] = {**base, "choices": [], "usage": usage}
+        if style.timings:
+            last["timings"] = timings
+        events.append(_data(last))
     events.append(b"data: [DONE]\n\n")
     return events
 

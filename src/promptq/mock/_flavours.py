@@ -22,6 +22,10 @@ classifier against every flavour. Kinds:
 
 A kind a server cannot produce falls back to the nearest it can (Ollama truncates long
 prompts and has no key check: its ``context`` is a success, its ``auth`` a proxy's 401).
+
+Streams: :func:`stream_style` says how each server's chat chunks differ from OpenAI's
+(fingerprint, nulls, roles, llama.cpp's timings and keep-alive pings), and
+:func:`stream_failure` gives the events it sends when generation fails midway.
 """
 
 from __future__ import annotations
@@ -29,7 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["FLAVOURS", "KINDS", "Failure", "failure"]
+import orjson
+
+__all__ = [
+    "FLAVOURS",
+    "KINDS",
+    "Failure",
+    "StreamStyle",
+    "failure",
+    "stream_failure",
+    "stream_style",
+]
 
 FLAVOURS: Final = ("openai", "vllm", "ollama", "llamacpp", "tgi")
 KINDS: Final = (
@@ -322,6 +336,70 @@ def _tgi(kind: str, f: Facts) -> Failure | None:
         "Request failed during generation: Server error: CUDA out of memory (mock)",
         "generation",
     )
+
+
+# -- streams ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStyle:
+    """How one server's streamed chat chunks differ from OpenAI's.
+
+    * ``fingerprint``: its ``system_fingerprint`` (``...`` absent: vLLM leaves unset
+      fields out of its chunks);
+    * ``usage_null``: ``"usage": null`` in every chunk (OpenAI only when usage is asked
+      for; TGI always; vLLM and Ollama never);
+    * ``role_every_delta``: every delta repeats ``"role": "assistant"`` (Ollama, TGI);
+    * ``logprobs``: ``"logprobs": null`` in each choice;
+    * ``timings``: llama.cpp's ``timings`` object in its last chunks;
+    * ``ping``: an SSE comment (``:``) first, as ``llama-server`` sends while a long
+      prompt is processed.
+    """
+
+    fingerprint: Any = None
+    usage_null: str = "asked"  # "asked", "always", "never"
+    role_every_delta: bool = False
+    logprobs: bool = True
+    timings: bool = False
+    ping: bool = False
+
+
+_STYLES: Final = {
+    "openai": StreamStyle(),
+    "vllm": StreamStyle(fingerprint=..., usage_null="never"),
+    "ollama": StreamStyle(
+        fingerprint="fp_ollama", usage_null="never", role_every_delta=True, logprobs=False
+    ),
+    "llamacpp": StreamStyle(fingerprint="b6000-mock", usage_null="never", timings=True, ping=True),
+    "tgi": StreamStyle(fingerprint="3.3.4-native", usage_null="always", role_every_delta=True),
+}
+
+
+def stream_style(flavour: str) -> StreamStyle:
+    return _STYLES[flavour]
+
+
+def stream_failure(flavour: str, message: str) -> list[bytes]:
+    """The events ``flavour``'s server sends when generation fails midway (the HTTP status
+    is 200 already): an error in the data, in each server's own shape; vLLM then ends the
+    stream with ``[DONE]``, the others just end it."""
+    body: Any
+    if flavour == "tgi":  # the router's ErrorResponse as an event
+        body = {"error": message, "error_type": "generation"}
+    elif flavour == "vllm":
+        body = {"error": {"message": message, "type": "InternalServerError", "param": None,
+                          "code": 500}}  # fmt: skip
+    elif flavour == "llamacpp":
+        body = {"error": {"code": 500, "message": message, "type": "server_error"}}
+    elif flavour == "ollama":
+        body = {"error": {"message": message, "type": "api_error", "param": None, "code": None}}
+    else:
+        body = {"error": {"message": message, "type": "server_error", "param": None,
+                          "code": None}}  # fmt: skip
+    events = [b"data: " + orjson.dumps(body) + b"\n\n"]
+    if flavour == "vllm":
+        events.append(b"data: [DONE]\n\n")
+    return events
 
 
 _BUILDERS: Final = {

@@ -47,7 +47,7 @@ from promptq.mock._endpoints import (
     response_bytes,
     responses_stream,
 )
-from promptq.mock._flavours import Facts, failure
+from promptq.mock._flavours import Facts, failure, stream_failure, stream_style
 from promptq.mock._http import ConnectionGate, GatedProtocol
 from promptq.mock._limits import RequestBucket
 from promptq.mock._models import MockConfig, MockStats
@@ -310,20 +310,22 @@ class _MockState:
         model: str,
         directives: Directives | None,
     ) -> web.StreamResponse | None:
-        """Server-Sent Events, ``stream_interval_ms`` apart; ``cut=K`` drops the
-        connection after K events. A client that leaves is counted in
-        ``streams_cancelled``."""
+        """Server-Sent Events, ``stream_interval_ms`` apart, shaped as the flavour's server
+        shapes them; ``cut=K`` drops the connection after K events, ``error_at=K`` ends
+        the stream after K events with the flavour's error events. A client that leaves
+        is counted in ``streams_cancelled``."""
         config, stats = self.config, self.stats
         chunks = config.stream_chunks
         interval_s = config.stream_interval_ms / 1000.0
-        cut = None
+        cut = error_at = None
         if directives is not None:
             chunks = directives.chunks if directives.chunks is not None else chunks
             if directives.interval_ms is not None:
                 interval_s = directives.interval_ms / 1000.0
-            cut = directives.cut
+            cut, error_at = directives.cut, directives.error_at
         if endpoint == _CHAT:
-            events = chat_stream(body, messages, model, expected_content(body), chunks)
+            style = stream_style(config.flavour)
+            events = chat_stream(body, messages, model, expected_content(body), chunks, style)
         else:
             events = responses_stream(body, messages, model, chunks)
         stats.streams += 1
@@ -341,6 +343,11 @@ class _MockState:
                     stats.drops += 1
                     _close(request)
                     return None
+                if error_at is not None and index >= error_at:
+                    failed = "generation failed midway (mock error_at)"
+                    for error in stream_failure(config.flavour, failed):
+                        await response.write(error)
+                    break
                 if index and interval_s > 0:
                     await asyncio.sleep(interval_s)
                 await response.write(event)
@@ -504,7 +511,7 @@ class _MockState:
             latency = self._default_latency()
         if latency > 0:
             await asyncio.sleep(latency)
-        if not faulty or directives.cut is not None:
+        if not faulty or directives.cut is not None or directives.error_at is not None:
             if body.get("stream"):
                 return await self._stream(request, endpoint, body, messages, model, directives)
             return success(self._success_bytes(endpoint, body, messages, model))

@@ -25,6 +25,8 @@ __all__ = [
     "error_event",
     "event_data",
     "events_from_answer",
+    "is_comment",
+    "upstream_error",
 ]
 
 #: chat completions end their stream with this data
@@ -54,6 +56,58 @@ def event_data(event: str) -> str | None:
     """The ``data`` of one event (multi-line data joined by newlines); None without."""
     lines = [line[5:].removeprefix(" ") for line in event.split("\n") if line.startswith("data:")]
     return "\n".join(lines) if lines else None
+
+
+def is_comment(event: str) -> bool:
+    """An event of comment lines only (``:``), such as ``llama-server``'s keep-alive
+    pings: no data, nothing to relay."""
+    return all(line.startswith(":") for line in event.split("\n"))
+
+
+def upstream_error(event: str) -> dict[str, Any] | None:
+    """The error an upstream reports in one event of its stream, in OpenAI's shape
+    (``message``, ``type``, ``param``, ``code``); None when the event is no error.
+
+    The servers' own shapes: ``{"error": {...}}`` (OpenAI, vLLM since 0.10.1, Ollama,
+    llama.cpp), vLLM's older ``{"object": "error", "message", "type", "code"}``, TGI's
+    ``{"error": "message", "error_type": "generation"}``, and an ``error:`` line instead
+    of ``data:`` (older ``llama-server``s, which SSE readers skip)."""
+    if "error" not in event:  # most events: no parse
+        return None
+    data = event_data(event)
+    if data is None:  # an ``error:`` line: the error object itself, or text
+        lines = [line[6:].strip() for line in event.split("\n") if line.startswith("error:")]
+        if not lines:
+            return None
+        data = "\n".join(lines)
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            payload = {"message": data}
+        payload = {"error": payload} if isinstance(payload, dict) else {"error": data}
+    else:
+        try:
+            payload = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return None
+    if not isinstance(payload, dict):
+        return None
+    found = payload.get("error")
+    if isinstance(found, dict):
+        error = found
+    elif isinstance(found, str) and found:  # TGI
+        kind = payload.get("error_type")
+        error = {"message": found, "type": "server_error", "code": kind}
+    elif payload.get("object") == "error" and isinstance(payload.get("message"), str):
+        error = payload  # vLLM before 0.10.1
+    else:
+        return None
+    return {
+        "message": str(error.get("message") or "the upstream reported an error"),
+        "type": str(error.get("type") or "server_error"),
+        "param": error.get("param"),
+        "code": error.get("code"),
+    }
 
 
 def error_event(message: str, *, code: str, type_: str = "server_error") -> str:
@@ -90,6 +144,10 @@ class StreamSummary:
         if isinstance(payload.get("error"), dict):
             self.error = payload["error"]
         kind = payload.get("type")
+        if kind == "error" and isinstance(payload.get("message"), str):  # Responses API
+            self.error = {"message": payload["message"], "type": "server_error",
+                          "code": payload.get("code")}  # fmt: skip
+            return
         if isinstance(kind, str) and kind.startswith("response."):
             self.object = "response"
             response = payload.get("response")

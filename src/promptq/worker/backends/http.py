@@ -36,7 +36,7 @@ from pydantic import SecretStr
 
 from promptq.shared.errors import FatalUpstreamError, RetryableUpstreamError
 from promptq.shared.models import MODELS_ENDPOINT
-from promptq.shared.sse import DONE, event_data
+from promptq.shared.sse import DONE, event_data, is_comment, upstream_error
 from promptq.worker.backends import NO_HEADERS, Attempt, Relay
 from promptq.worker.retry import classify
 
@@ -231,18 +231,25 @@ class HttpBackend:
                     *events, pending = pending.split(b"\n\n")
                     for raw in events:
                         event = raw.strip(b"\n").decode("utf-8", "replace")
-                        if not event:
+                        if not event or is_comment(event):  # keep-alive pings: no data
                             continue
                         if event.endswith(DONE) and event_data(event) == DONE:
                             done = True
-                        if not relay.send(event):
-                            gone = True  # the client has gone
+                        failed = upstream_error(event)
+                        if failed is not None:  # in OpenAI's shape, whatever the server's
+                            event = "data: " + orjson.dumps({"error": failed}).decode()
+                        if not relay.send(event) or failed is not None:
+                            gone = True  # the client has gone, or the stream has failed
                             break
                     if gone:
                         break
                 rest = pending.strip(b"\n").decode("utf-8", "replace")
-                if rest and not gone and relay.send(rest) and event_data(rest) == DONE:
-                    done = True
+                if rest and not gone and not is_comment(rest):
+                    failed = upstream_error(rest)
+                    if failed is not None:
+                        rest = "data: " + orjson.dumps({"error": failed}).decode()
+                    if relay.send(rest) and event_data(rest) == DONE:
+                        done = True
         except TimeoutError:
             error = f"the stream stalled: nothing within {self.timeout.total:g}s"
             return Attempt(status, None, None, _retryable(error, "timeout"), headers)
@@ -252,11 +259,13 @@ class HttpBackend:
         summary = getattr(relay, "summary", None)
         body = summary.body() if summary is not None else {"streamed": True}
         request_id = headers.get("x-request-id") if headers else None
-        upstream_error = summary.error if summary is not None else None
-        if upstream_error is not None:
+        reported = summary.error if summary is not None else None
+        if reported is not None:
             body["error_relayed"] = True
-            message = str(upstream_error.get("message") or "the upstream reported an error")
-            code = str(upstream_error.get("code") or upstream_error.get("type") or "stream_error")
+            message = str(reported.get("message") or "the upstream reported an error")
+            code = reported.get("code")  # a string code, else the type (not vLLM's 500)
+            if not isinstance(code, str) or not code:
+                code = str(reported.get("type") or "stream_error")
             return Attempt(
                 status, body, request_id, FatalUpstreamError(message, code=code), headers
             )
