@@ -61,7 +61,7 @@ def event_data(event: str) -> str | None:
 def is_comment(event: str) -> bool:
     """An event of comment lines only (``:``), such as ``llama-server``'s keep-alive
     pings: no data, nothing to relay."""
-    return all(line.startswith(":") for line in event.split("\n"))
+    return event.startswith(":") and all(line.startswith(":") for line in event.split("\n"))
 
 
 def upstream_error(event: str) -> dict[str, Any] | None:

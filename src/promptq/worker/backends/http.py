@@ -223,33 +223,34 @@ class HttpBackend:
                     return Attempt(status, answer, headers.get("x-request-id"), classified, headers)
                 # events end at a blank line; read what has arrived, not line by line
                 pending = b""
-                gone = False
+                stop = False  # the client has gone, or the stream has failed
+
+                def relay_one(raw: bytes) -> bool:
+                    """Relay one event; False when reading should stop."""
+                    nonlocal done
+                    event = raw.strip(b"\n").decode("utf-8", "replace")
+                    if not event or is_comment(event):  # keep-alive pings: no data
+                        return True
+                    if event.endswith(DONE) and event_data(event) == DONE:
+                        done = True
+                    failed = upstream_error(event)
+                    if failed is not None:  # in OpenAI's shape, whatever the server's
+                        event = "data: " + orjson.dumps({"error": failed}).decode()
+                    return relay.send(event) and failed is None
+
                 async for chunk in resp.content.iter_any():
                     pending += chunk
                     if b"\r" in pending:  # CRLF line ends (a lone CR waits for its LF)
                         pending = pending.replace(b"\r\n", b"\n")
                     *events, pending = pending.split(b"\n\n")
                     for raw in events:
-                        event = raw.strip(b"\n").decode("utf-8", "replace")
-                        if not event or is_comment(event):  # keep-alive pings: no data
-                            continue
-                        if event.endswith(DONE) and event_data(event) == DONE:
-                            done = True
-                        failed = upstream_error(event)
-                        if failed is not None:  # in OpenAI's shape, whatever the server's
-                            event = "data: " + orjson.dumps({"error": failed}).decode()
-                        if not relay.send(event) or failed is not None:
-                            gone = True  # the client has gone, or the stream has failed
+                        if not relay_one(raw):
+                            stop = True
                             break
-                    if gone:
+                    if stop:
                         break
-                rest = pending.strip(b"\n").decode("utf-8", "replace")
-                if rest and not gone and not is_comment(rest):
-                    failed = upstream_error(rest)
-                    if failed is not None:
-                        rest = "data: " + orjson.dumps({"error": failed}).decode()
-                    if relay.send(rest) and event_data(rest) == DONE:
-                        done = True
+                if not stop:
+                    relay_one(pending)  # what came after the last blank line
         except TimeoutError:
             error = f"the stream stalled: nothing within {self.timeout.total:g}s"
             return Attempt(status, None, None, _retryable(error, "timeout"), headers)
