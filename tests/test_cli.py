@@ -106,6 +106,12 @@ async def test_demo_runs_with_no_redis(mock: MockServer) -> None:
     assert code == 0, stderr
     assert "faster" in stdout
     assert "latency p50" in stdout
+    # the bar's last word on the spend is the table's (it used to lag a refresh behind)
+    table_cost = re.search(r"│ cost\s+│\s+(\$[0-9.]+)", stdout)
+    bar_costs = re.findall(r"40/40 .*?(\$[0-9.]+)", stderr)
+    assert table_cost is not None
+    assert bar_costs
+    assert bar_costs[-1] == table_cost.group(1)
 
 
 async def test_submit_status_results_workers_against_redis(

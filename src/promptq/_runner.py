@@ -86,6 +86,9 @@ async def follow(
                     files.write(line)
                 files.flush()  # the file is the checkpoint: whole lines, as they come
             bar.update(done=ok + failed, total=total, failed=failed, retries=retries, cost_usd=cost)
+        if ok + failed:  # the final spend, as the stats table will say it
+            cost = await batch.spent_usd()
+            bar.update(done=ok + failed, total=total, failed=failed, retries=retries, cost_usd=cost)
     if files is not None and order is not None:
         for line in order.rest():
             files.write(line)
