@@ -61,7 +61,11 @@ Client = TestClient  # of the API app
 @pytest.fixture
 async def api(redis: ArqRedis, settings: Settings) -> AsyncIterator[Client]:
     """The app on a test server (real Redis), limits shrunk to 4 KiB and 5 lines."""
-    app = create_app(api_settings(settings, api_max_file_bytes=4096, api_max_lines=5))
+    app = create_app(
+        api_settings(
+            settings, api_max_file_bytes=4096, api_max_lines=5, webhook_hosts="hooks.example.com"
+        )
+    )
     async with TestClient(TestServer(app), headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         yield client
 
@@ -213,6 +217,11 @@ async def test_wrong_method_is_405_in_the_openai_shape(api: Client) -> None:
             {"input_file_id": "F", "endpoint": CHAT, "completion_window": "24h",
              "metadata": {"k": 1}},
             "metadata.k",
+        ),
+        (  # the test settings allow webhooks to hooks.example.com only
+            {"input_file_id": "F", "endpoint": CHAT, "completion_window": "24h",
+             "metadata": {"promptq_webhook_url": "http://169.254.169.254/latest"}},
+            "metadata",
         ),
     ],
 )  # fmt: skip

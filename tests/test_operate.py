@@ -291,6 +291,7 @@ async def test_doctor_against_an_evicting_redis_without_aof(settings: Settings) 
     [
         ("PROMPTQ_WEBHOOK_SECRET", "not-base64!!", "whsec_"),
         ("PROMPTQ_WEBHOOK_BACKOFF_S", "5,soon", "PROMPTQ_WEBHOOK_BACKOFF_S"),
+        ("PROMPTQ_WEBHOOK_HOSTS", "https://hooks.example.com", "PROMPTQ_WEBHOOK_HOSTS"),
     ],
 )
 async def test_a_worker_with_bad_webhook_settings_says_what_to_fix(
@@ -300,3 +301,55 @@ async def test_a_worker_with_bad_webhook_settings_says_what_to_fix(
     assert code == 2
     assert says in err
     assert "Traceback" not in err
+
+
+def test_webhook_hosts_name_exact_hosts_and_subdomains() -> None:
+    from promptq.shared.errors import ConfigError
+    from promptq.shared.webhooks import check_url, host_allowed, parse_hosts
+
+    hosts = parse_hosts(" Hooks.Example.com, *.internal.example ,")
+    assert hosts == ("hooks.example.com", "*.internal.example")
+    assert host_allowed("hooks.example.com", hosts)
+    assert host_allowed("HOOKS.example.com.", hosts)
+    assert host_allowed("a.b.internal.example", hosts)
+    assert not host_allowed("internal.example", hosts)  # the wildcard is for names under it
+    assert not host_allowed("evilhooks.example.com", hosts)
+    assert not host_allowed("169.254.169.254", hosts)
+    assert host_allowed("169.254.169.254", ())  # no list: any host
+    assert check_url("https://hooks.example.com/x", hosts) == "https://hooks.example.com/x"
+    with pytest.raises(ConfigError, match="PROMPTQ_WEBHOOK_HOSTS"):
+        check_url("http://127.0.0.1:8080/admin", hosts)
+    for bad in ("http://x.example", "*", "a.example:8080"):
+        with pytest.raises(ConfigError, match="not a host name"):
+            parse_hosts(bad)
+
+
+async def test_webhook_urls_outside_the_allowed_hosts_are_refused_and_never_called(
+    redis: ArqRedis, settings: Settings, receiver: Receiver
+) -> None:
+    """With PROMPTQ_WEBHOOK_HOSTS, a producer refuses another host before queueing; a
+    worker marks an event for another host failed at once (from an older producer, or
+    written straight to Redis) without a request."""
+    local = settings.model_copy(update={"webhook_hosts": "hooks.example.com"})
+    async with Producer(redis, settings=local) as producer:
+        with pytest.raises(InputError, match="PROMPTQ_WEBHOOK_HOSTS"):
+            await producer.submit(["a"], webhook_url=receiver.url)
+    assert await redis.zcard(keys.BATCHES) == 0
+    batch_id = "batch_elsewhere"
+    await redis.hset(keys.webhook(batch_id), mapping={
+        "url": receiver.url, "type": "completed", "created_at": 1, "attempts": 0,
+        "status": "pending"})  # fmt: skip
+    await redis.zadd(keys.WEBHOOKS, {batch_id: 0})
+    sender = WebhookSender(redis, secret=None, hosts=("hooks.example.com",))
+    await sender.start()
+    try:
+        assert await sender.claim() == [batch_id]
+        assert await sender.deliver(batch_id) is False
+    finally:
+        await sender.stop()
+    fields = await redis.hgetall(keys.webhook(batch_id))
+    assert fields[b"status"] == b"failed"  # at once: no retries
+    assert b"PROMPTQ_WEBHOOK_HOSTS" in fields[b"last_error"]
+    assert await redis.zscore(keys.WEBHOOKS, batch_id) is None
+    assert receiver.seen == []
+    await redis.delete(keys.webhook(batch_id))

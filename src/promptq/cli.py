@@ -188,7 +188,7 @@ def _batch_policy_options(command: Callable[..., Any]) -> Callable[..., Any]:
         metavar="URL",
         help="POST a signed batch.completed|failed|cancelled event here when the batch "
         "ends (Standard Webhooks; retried for about two hours; instead of the workers' "
-        "PROMPTQ_WEBHOOK_URL).",
+        "PROMPTQ_WEBHOOK_URL; its host must be one PROMPTQ_WEBHOOK_HOSTS allows, if set).",
     )(command)
     command = click.option(
         "--cache",

@@ -34,6 +34,7 @@ from promptq.producer import Producer
 from promptq.shared.connection import connect
 from promptq.shared.models import ENDPOINTS
 from promptq.shared.settings import Settings, redact_url
+from promptq.shared.webhooks import parse_hosts
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[error_middleware, auth_middleware(settings.api_token)],
         client_max_size=MAX_JSON_BODY_BYTES,
     )
+    parse_hosts(settings.webhook_hosts)  # a bad PROMPTQ_WEBHOOK_HOSTS stops the start
     app[SETTINGS] = settings
     app[TASKS] = set()
     app[METRICS] = Metrics()

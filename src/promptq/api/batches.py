@@ -29,6 +29,7 @@ from promptq.shared.errors import BatchNotFound, InputError, QueueFull
 from promptq.shared.models import ENDPOINTS
 from promptq.shared.results import BATCH_API
 from promptq.shared.routes import MARKER_BATCH, MARKER_SHARD, ROUTES, parse_duration
+from promptq.shared.webhooks import parse_hosts
 
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
@@ -102,11 +103,13 @@ OPTION_KEYS = (
 )
 
 
-def batch_options(metadata: dict[str, str] | None) -> dict[str, Any]:
+def batch_options(
+    metadata: dict[str, str] | None, *, webhook_hosts: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """promptq's options of a batch from its metadata (``Producer.submit`` keywords):
     ``promptq_route`` (realtime | batch-api), ``promptq_deadline`` (45s, 30m, 2h, 1d),
-    ``promptq_max_cost_usd`` (USD), ``promptq_cache`` (a TTL), ``promptq_webhook_url``;
-    400 naming the key."""
+    ``promptq_max_cost_usd`` (USD), ``promptq_cache`` (a TTL), ``promptq_webhook_url``
+    (a host of ``webhook_hosts``, if any); 400 naming the key."""
     options: dict[str, Any] = {}
     for key, value in (metadata or {}).items():
         if not key.startswith("promptq_") or key in (MARKER_BATCH, MARKER_SHARD):
@@ -140,7 +143,7 @@ def batch_options(metadata: dict[str, str] | None) -> dict[str, Any]:
             code="invalid_metadata",
         )
     try:
-        route_options(**options)
+        route_options(**options, webhook_hosts=webhook_hosts)
     except InputError as exc:
         problem = "; ".join(e.message for e in exc.errors)
         raise bad_request(
@@ -171,7 +174,8 @@ async def create_batch(request: web.Request) -> web.Response:
             code="invalid_completion_window",
         )
     metadata = _metadata(body.get("metadata"))
-    options = batch_options(metadata)
+    hosts = parse_hosts(request.app[SETTINGS].webhook_hosts)
+    options = batch_options(metadata, webhook_hosts=hosts)
     store = request.app[STORE]
     if await store.file(file_id) is None:
         raise not_found(

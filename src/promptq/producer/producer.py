@@ -49,7 +49,7 @@ from promptq.shared.routes import ROUTES, ShardCutter
 from promptq.shared.scripts import decode
 from promptq.shared.settings import Settings
 from promptq.shared.status import CLAIMABLE, Status
-from promptq.shared.webhooks import check_url
+from promptq.shared.webhooks import check_url, parse_hosts
 
 #: requests written per script call while enqueueing (each call stays a few ms)
 WRITE_CHUNK = 500
@@ -118,13 +118,15 @@ def route_options(
     max_cost_usd: float | None = None,
     cache_ttl_s: int | None = None,
     webhook_url: str | None = None,
+    webhook_hosts: tuple[str, ...] = (),
 ) -> dict[str, str | int | float]:
     """A batch's route, deadline, budget, cache and webhook fields, validated
-    (``InputError`` naming the option)."""
+    (``InputError`` naming the option); ``webhook_hosts``: the hosts a webhook URL may
+    name (``PROMPTQ_WEBHOOK_HOSTS``; none: any)."""
     options: dict[str, str | int | float] = {}
     if webhook_url is not None:
         try:
-            options["webhook_url"] = check_url(webhook_url)
+            options["webhook_url"] = check_url(webhook_url, webhook_hosts)
         except ConfigError as exc:
             raise InputError("--webhook-url", [LineError(0, "webhook_url", str(exc))]) from None
     if route not in ROUTES:
@@ -277,6 +279,7 @@ class Producer:
             max_cost_usd=max_cost_usd,
             cache_ttl_s=cache_ttl_s,
             webhook_url=webhook_url,
+            webhook_hosts=parse_hosts(self.settings.webhook_hosts),
         )
         if resume and await self._resume(parsed, batch_id):
             return Batch(self, batch_id)

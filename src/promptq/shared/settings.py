@@ -113,6 +113,12 @@ class Settings(BaseSettings):
         description="workers: the Standard Webhooks secret (whsec_ + base64) that signs "
         "webhook deliveries; never stored in Redis",
     )
+    webhook_hosts: str = Field(
+        default="",
+        description="the hosts webhooks may go to, comma-separated ('*.example.com' "
+        "covers its subdomains); empty: any. Workers check it before every delivery, "
+        "producers and serve when a batch names its URL",
+    )
     webhook_backoff_s: str = Field(
         default="5,30,120,300,600,1200,1800,3600",
         description="waits between webhook delivery attempts, seconds, comma-separated; "

@@ -17,7 +17,7 @@ from pydantic import SecretStr
 
 from promptq.shared.errors import ConfigError
 
-__all__ = ["check_url", "event_body", "parse_backoff", "sign", "signing_key"]
+__all__ = ["check_url", "event_body", "parse_backoff", "parse_hosts", "sign", "signing_key"]
 
 
 def parse_backoff(text: str) -> tuple[float, ...]:
@@ -53,11 +53,41 @@ def sign(key: bytes, event_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-def check_url(url: str) -> str:
-    """An http(s) URL with a host, or ``ConfigError`` saying what is wrong."""
+def parse_hosts(text: str) -> tuple[str, ...]:
+    """``PROMPTQ_WEBHOOK_HOSTS``: ``"hooks.example.com, *.internal.example"`` -> its
+    entries, lower case (none: any host)."""
+    hosts = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    for host in hosts:
+        name = host.removeprefix("*.")
+        if not name or "*" in name or "/" in name or ":" in name:
+            raise ConfigError(
+                f"PROMPTQ_WEBHOOK_HOSTS: {host!r} is not a host name; give names such as "
+                "'hooks.example.com' or '*.example.com', separated by commas"
+            )
+    return hosts
+
+
+def host_allowed(host: str, hosts: tuple[str, ...]) -> bool:
+    """Whether ``host`` is one of ``hosts`` (``*.example.com``: any name under it)."""
+    host = host.lower().rstrip(".")
+    if not hosts:
+        return True
+    return any(
+        host.endswith(entry[1:]) if entry.startswith("*.") else host == entry for entry in hosts
+    )
+
+
+def check_url(url: str, hosts: tuple[str, ...] = ()) -> str:
+    """An http(s) URL with a host (one of ``hosts`` when there are any), or
+    ``ConfigError`` saying what is wrong."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"webhook URL {url!r}: expected http:// or https:// and a host")
+    if not host_allowed(parts.hostname, hosts):
+        raise ConfigError(
+            f"webhook URL {url!r}: host {parts.hostname!r} is not one PROMPTQ_WEBHOOK_HOSTS "
+            f"allows ({', '.join(hosts)})"
+        )
     return url
 
 

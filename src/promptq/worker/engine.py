@@ -38,7 +38,7 @@ from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.ratelimit import RateLimiter
 from promptq.shared.registry import WorkerRegistry
 from promptq.shared.settings import Settings
-from promptq.shared.webhooks import parse_backoff
+from promptq.shared.webhooks import parse_backoff, parse_hosts
 from promptq.worker import backends
 from promptq.worker.aggregate import Aggregator
 from promptq.worker.backends.http import HttpBackend
@@ -135,6 +135,7 @@ class Engine:
             redis,
             secret=settings.webhook_secret,
             backoff_s=parse_backoff(settings.webhook_backoff_s),
+            hosts=parse_hosts(settings.webhook_hosts),
         )
         self.aggregator.on_finished = self.webhooks.poke
         self.chat = ChatSource(

@@ -17,7 +17,9 @@ repeats), ``webhook-timestamp`` (unix seconds) and ``webhook-signature: v1,<base
 HMAC-SHA256 over "id.timestamp.body" keyed with the secret>``. A 2xx answer delivers it;
 anything else, a timeout or a refused connection is tried again after
 ``PROMPTQ_WEBHOOK_BACKOFF_S`` (5 s, 30 s, 2 min, 5, 10, 20, 30, 60 min: about two hours
-in all), then the event is marked ``failed``: never an endless loop. The secret
+in all), then the event is marked ``failed``: never an endless loop. A URL whose host
+``PROMPTQ_WEBHOOK_HOSTS`` does not name is marked ``failed`` at once, unrequested: the
+token holders who name URLs cannot make workers call internal addresses. The secret
 (``PROMPTQ_WEBHOOK_SECRET``, ``whsec_`` + base64) is read by workers from their
 environment and never reaches Redis or a log.
 """
@@ -36,7 +38,7 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 
 from promptq.shared import keys, scripts
-from promptq.shared.webhooks import event_body, sign, signing_key
+from promptq.shared.webhooks import event_body, host_allowed, sign, signing_key
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ class WebhookSender:
         backoff_s: tuple[float, ...] = DEFAULT_BACKOFF_S,
         timeout_s: float = 10.0,
         lease_s: float = LEASE_S,
+        hosts: tuple[str, ...] = (),
     ) -> None:
         self.redis = redis
+        #: PROMPTQ_WEBHOOK_HOSTS: the hosts deliveries may go to (none: any)
+        self.hosts = hosts
         # an empty PROMPTQ_WEBHOOK_SECRET (compose's default) is no secret
         self._key = signing_key(secret) if secret and secret.get_secret_value() else None
         self.backoff_s = backoff_s
@@ -133,6 +138,11 @@ class WebhookSender:
         if self._key is not None:
             headers["webhook-signature"] = sign(self._key, event_id, timestamp, body)
         attempts = int(fields.get("attempts") or 0) + 1
+        host = urlsplit(fields["url"]).hostname or ""
+        if not host_allowed(host, self.hosts):  # whoever named it: no request, no retry
+            error = f"host {host!r} is not one PROMPTQ_WEBHOOK_HOSTS allows"
+            await self._failed(batch_id, attempts, error, fields["url"], final=True)
+            return False
         error = ""
         try:
             async with self._session.post(fields["url"], data=body, headers=headers) as resp:
@@ -156,12 +166,14 @@ class WebhookSender:
             await pipe.execute()
         self.delivered += 1
 
-    async def _failed(self, batch_id: str, attempts: int, error: str, url: str) -> None:
+    async def _failed(
+        self, batch_id: str, attempts: int, error: str, url: str, *, final: bool = False
+    ) -> None:
         host = urlsplit(url).hostname
         fields: dict[str, Any] = {"attempts": attempts, "last_error": error,
                                   "last_attempt_at": time.time()}  # fmt: skip
         async with self.redis.pipeline(transaction=True) as pipe:
-            if attempts > len(self.backoff_s):
+            if final or attempts > len(self.backoff_s):
                 fields["status"] = "failed"
                 pipe.zrem(keys.WEBHOOKS, batch_id)
                 logger.error(
