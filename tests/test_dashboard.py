@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -157,7 +158,9 @@ async def test_the_dashboard_in_a_real_browser(
                 assert await page.evaluate("sessionStorage.getItem('promptq-token')") == TOKEN
                 await page.wait_for_selector("#workers tbody tr")
                 assert await page.text_content("#worker-count") == "1"
-                await page.wait_for_selector("#limits:has-text('using')")  # the RPM in use
+                await page.wait_for_selector("#limits:has-text('using')")  # RPM and TPM in use
+                limits = await page.text_content("#limits") or ""
+                assert re.search(r"using [0-9,]+ RPM, [0-9,]+ TPM", limits), limits
                 # one batch's page: status, counts, errors with a sample, charts drawn
                 await page.click(f"tr[data-id='{done.id}']")
                 await page.wait_for_selector("#detail-status:has-text('completed')")

@@ -285,3 +285,25 @@ async def test_workers_keep_the_latency_histogram_for_metrics(
     assert sum(buckets.values()) == 12
     assert set(buckets) <= {str(b).encode() for b in keys.LATENCY_BUCKETS_MS} | {b"+Inf"}
     assert float(hist[b"sum"]) > 0
+
+
+async def test_workers_count_the_tokens_they_were_answered_with(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    """The heartbeat's ``tokens`` (the dashboard's TPM in use) add up to the batch's."""
+    from promptq.shared.registry import WorkerRegistry
+
+    async with local_cluster(settings, workers=1) as producer:
+        batch = await producer.submit([f"count my tokens {i}" for i in range(6)])
+        await batch.wait(timeout_s=20)
+        stats = (await batch.info()).stats
+        assert stats is not None
+        expected = stats.input_tokens + stats.output_tokens
+        assert expected > 0
+        registry = WorkerRegistry(redis, heartbeat_s=settings.heartbeat_s)
+
+        async def counted() -> bool:  # written with the next heartbeat
+            live = await registry.live()
+            return bool(live) and live[0].get("tokens") == expected
+
+        await wait_until(counted, what="the heartbeat's token count")

@@ -71,14 +71,24 @@ MAX_RESOLVED = 1000
 @dataclass(slots=True)
 class Spend:
     """What one worker's answers cost so far (its heartbeat, ``/metrics``): USD paid,
-    USD saved through the Batch API, answers from the cache, answers with no price."""
+    USD saved through the Batch API, answers from the cache, answers with no price, and
+    the tokens the upstream answered with (input + output; the dashboard's TPM in use)."""
 
     cost_usd: float = 0.0
     saved_usd: float = 0.0
     cached: int = 0
     unpriced: int = 0
+    tokens: int = 0
 
-    def add(self, cost: tuple[float, float] | None, *, cached: bool = False) -> None:
+    def add(
+        self,
+        cost: tuple[float, float] | None,
+        *,
+        cached: bool = False,
+        tokens: tuple[int, int] = (0, 0),
+    ) -> None:
+        if not cached:  # a cached answer spent none of the upstream's tokens per minute
+            self.tokens += tokens[0] + tokens[1]
         if cached:
             self.cached += 1
         elif cost is None:

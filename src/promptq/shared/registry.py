@@ -46,6 +46,7 @@ NUMERIC_FIELDS = frozenset(
         "done",
         "failed",
         "retries",
+        "tokens",
     }
 )
 

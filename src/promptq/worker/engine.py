@@ -222,6 +222,7 @@ class Engine:
             "cost_usd": f"{self.spend.cost_usd:.6f}",
             "saved_usd": f"{self.spend.saved_usd:.6f}",
             "cached": self.spend.cached,
+            "tokens": self.spend.tokens,
         }
 
     async def start(self) -> None:

@@ -220,7 +220,7 @@ class BatchSource:
                 cost = self.prices.cost_of(
                     outcome.body, job.body.get("model"), batch=False, tokens=tokens
                 )
-            self.spend.add(cost, cached=outcome.cached)
+            self.spend.add(cost, cached=outcome.cached, tokens=tokens)
         self._buffer.setdefault(job.group, []).extend(
             record_args(job.key, line, outcome, cost=cost, tokens=tokens)
         )

@@ -495,7 +495,7 @@ class ShardDriver:
         if outcome.ok:
             tokens = usage_tokens(body)
             cost = self.prices.cost_of(body, None, batch=True, tokens=tokens)
-            self.spend.add(cost)
+            self.spend.add(cost, tokens=tokens)
         line_id = obj.get("id")
         line = serialization.dumps(
             result_line(custom_id, outcome, route=BATCH_API,

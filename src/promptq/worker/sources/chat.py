@@ -32,6 +32,7 @@ from promptq.shared.errors import UpstreamError
 from promptq.shared.prices import PriceTable, Spend
 from promptq.shared.results import Outcome, internal_error, result_line
 from promptq.shared.sse import STREAMING_ENDPOINTS
+from promptq.shared.stats import usage_tokens
 from promptq.worker.dispatcher import Dispatcher
 from promptq.worker.relay import RelayHub
 from promptq.worker.sources import Job
@@ -145,9 +146,12 @@ class ChatSource:
         raw, entry = job.extra
         if outcome.ok:
             cost = None
+            tokens = usage_tokens(outcome.body)
             if not outcome.cached:
-                cost = self.prices.cost_of(outcome.body, job.body.get("model"), batch=False)
-            self.spend.add(cost, cached=outcome.cached)
+                cost = self.prices.cost_of(
+                    outcome.body, job.body.get("model"), batch=False, tokens=tokens
+                )
+            self.spend.add(cost, cached=outcome.cached, tokens=tokens)
         try:
             line = serialization.dumps(result_line(entry.id, outcome))
         except Exception as exc:  # e.g. an answer orjson cannot encode: still answer
