@@ -499,7 +499,8 @@ async def test_metrics_report_workers_queue_batches_and_latency(
     await redis.rpush(keys.CHAT_QUEUE, b"chat entry")  # and one chat request
     await redis.zadd(keys.WORKERS, {"w1": 9e9})
     await redis.hset(
-        keys.worker("w1"), mapping={"in_flight": 3, "done": 10, "failed": 2, "retries": 4}
+        keys.worker("w1"),
+        mapping={"in_flight": 3, "done": 10, "failed": 2, "retries": 4, "tokens": 1234},
     )
     await redis.hset(
         keys.METRICS_LATENCY, mapping={"50": 2, "250": 3, "+Inf": 1, "sum": 91000, "count": 6}
@@ -518,6 +519,7 @@ async def test_metrics_report_workers_queue_batches_and_latency(
     assert samples[("promptq_requests_completed_total", (("worker", "w1"),))] == 10
     assert samples[("promptq_requests_failed_total", (("worker", "w1"),))] == 2
     assert samples[("promptq_request_retries_total", (("worker", "w1"),))] == 4
+    assert samples[("promptq_tokens_total", (("worker", "w1"),))] == 1234
     assert samples[("promptq_batches", (("status", "queued"),))] == 1
     bucket = "promptq_request_latency_seconds_bucket"
     assert samples[(bucket, (("le", "0.05"),))] == 2

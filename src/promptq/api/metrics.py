@@ -131,6 +131,12 @@ class SnapshotCollector(Collector):
                 "cached",
                 "Requests answered from the cache, without an upstream call, per live worker.",
             ),
+            (
+                "promptq_tokens",
+                "tokens",
+                "Tokens the upstream answered with (input + output, from the answers' usage), "
+                "per live worker.",
+            ),
         ):
             counter = CounterMetricFamily(name, doc, labels=["worker"])
             for worker_id, beat in sorted(snap.workers.items()):
