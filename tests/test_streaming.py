@@ -306,6 +306,34 @@ async def test_a_batch_line_without_input_is_named(
             await p.submit_file(path)
 
 
+async def test_a_stream_past_its_deadline_ends_with_a_timeout_and_stops_upstream(
+    redis: ArqRedis, settings: Settings
+) -> None:
+    """PROMPTQ_API_CHAT_TIMEOUT_S bounds a whole stream: past it the client gets a
+    ``timeout`` error event, and the worker stops the upstream request."""
+    local = settings.model_copy(update={"api_token": SecretStr("t"), "api_chat_timeout_s": 1.0})
+    body = {"model": "m", "stream": True, "messages": messages("a long one")}
+    async with MockServer(MockConfig(stream_chunks=200, stream_interval_ms=20)) as mock:
+        local = local.model_copy(update={"upstream_url": mock.url})
+        async with (
+            in_process_worker(local),
+            TestClient(TestServer(create_app(local)), headers={"Authorization": "Bearer t"}) as api,
+        ):
+            resp = await api.post("/v1/chat/completions", json=body)
+            text = await resp.text()
+            ended = time.monotonic()
+            assert resp.status == 200, text
+            last = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))
+            assert last["error"]["code"] == "timeout"
+
+            async def upstream_cancelled() -> bool:
+                return mock.stats.streams_cancelled == 1
+
+            await wait_until(upstream_cancelled, timeout_s=5, what="the upstream to see it")
+            assert time.monotonic() - ended < 1.5
+            await wait_until(lambda: no_keys_but_the_counter(redis), what="the keys to go")
+
+
 async def test_a_python_backend_answer_is_streamed_as_the_events_asked_for(
     redis: ArqRedis, settings: Settings
 ) -> None:

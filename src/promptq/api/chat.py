@@ -245,9 +245,10 @@ async def _relay(
                             events.append(f"{error_event(message, code=code)}\n\n")
                         break
                     await response.write("".join(events).encode())
-        except TimeoutError:
+        except TimeoutError:  # the client is told; the upstream request is stopped
             message = f"the stream did not finish within {timeout_s:g} s"
             error = error_event(message, code="timeout")
+            await lane_cancel(request, stream.id)
         except LaneClosed:
             error = error_event("the server is shutting down", code="shutting_down")
         if error is not None:
