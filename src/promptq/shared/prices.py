@@ -87,11 +87,11 @@ class Spend:
         cached: bool = False,
         tokens: tuple[int, int] = (0, 0),
     ) -> None:
-        if not cached:  # a cached answer spent none of the upstream's tokens per minute
-            self.tokens += tokens[0] + tokens[1]
-        if cached:
+        if cached:  # it spent none of the upstream's tokens (per minute or in dollars)
             self.cached += 1
-        elif cost is None:
+            return
+        self.tokens += tokens[0] + tokens[1]
+        if cost is None:
             self.unpriced += 1
         else:
             self.cost_usd += cost[0]
